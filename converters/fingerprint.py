@@ -1,0 +1,82 @@
+"""Fingerprints that tie an adapter to the exact base weights it was made for.
+
+A fingerprint is ``sha256`` over the tensor's shape and a fixed strided sample of at most
+65,536 of its values as float32. It is cheap on a 70B checkpoint and still differs between
+any two real models (or a base and its fine-tune); float32 makes it independent of whether
+the base is stored in fp32, fp16 or bf16 when the values themselves agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+SAMPLE = 65536
+
+
+def fingerprint_tensor(t: torch.Tensor) -> str:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE)
+    sample = flat[::step][:SAMPLE].to(device="cpu", dtype=torch.float32).contiguous()
+    h = hashlib.sha256()
+    h.update(json.dumps(list(t.shape)).encode())
+    h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """One fingerprint for a named set of tensors (e.g. an adapter's shared outer factors)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(fingerprint_tensor(tensors[name]).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found (only safetensors bases are supported)")
+    return files
+
+
+def base_fingerprints(model_dir: str | Path, modules: Iterable[str]) -> dict[str, str]:
+    """Fingerprints of ``<module>.weight`` for each module, read lazily from the base's
+    safetensors files (one tensor in memory at a time)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    wanted = {f"{m}.weight": m for m in modules}
+    out: dict[str, str] = {}
+    for f in _weight_files(model_dir):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    out[wanted[key]] = fingerprint_tensor(fh.get_tensor(key))
+    missing = sorted(set(wanted.values()) - set(out))
+    if missing:
+        raise KeyError(f"{model_dir}: base model has no weight for module(s) {', '.join(missing[:5])}"
+                       + (" ..." if len(missing) > 5 else ""))
+    return out
+
+
+def load_base_weights(model_dir: str | Path, modules: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``{module: weight}`` for the given modules, from the base's safetensors files."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    wanted = {f"{m}.weight": m for m in modules}
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(model_dir):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    out[wanted[key]] = fh.get_tensor(key)
+    missing = sorted(set(wanted.values()) - set(out))
+    if missing:
+        raise KeyError(f"{model_dir}: base model has no weight for module(s) {', '.join(missing[:5])}")
+    return out
