@@ -14,7 +14,12 @@ from .base import Factors
 def adalora_factors(
     A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, alpha: float, ranknum: float
 ) -> Factors:
-    """PEFT AdaLoRA: ``ΔW = B (A ⊙ E) · alpha / (ranknum + 1e-5)`` (PEFT adds the 1e-5)."""
+    """PEFT AdaLoRA: ``ΔW = B (A ⊙ E) · alpha / (ranknum + 1e-5)`` (PEFT adds the 1e-5).
+
+    ``ranknum`` is the configured ``init_r``, also for a saved adapter already truncated to its
+    surviving ranks: PEFT (0.21) keeps it at ``init_r`` when it reloads one, and so did the
+    training run whose reference logits the fixture holds.
+    """
     scale = alpha / (ranknum + 1e-5)
     return Factors(B * scale, A * E.reshape(-1, 1))
 

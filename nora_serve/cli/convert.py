@@ -1,0 +1,131 @@
+"""``nora-convert SRC OUT`` / ``nora-convert SRC... OUT_DIR``: fold adapters into stock PEFT LoRA.
+
+The format of each source is detected from its contents (``--format`` forces one). The output
+is a PEFT LoRA directory that stock vLLM loads with ``--enable-lora``; every module is folded
+at its exact minimal rank unless ``--max-rank`` / ``--tolerance`` ask for truncation, and the
+per-module table reports the exact relative error that costs. Exit status: 0 on success,
+1 when any source failed (one line per failure: file, module, tensor, reason), 2 on usage
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on shared cores spinning made the fold 5x
+# slower (measured 2.1 s vs 0.39 s per 7B layer on 2 busy cores). Read when torch starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from nora_serve.converters import FORMATS, AdapterError, convert_adapter
+
+EPILOG = """\
+formats (detected automatically):
+  native        nora-serve's own format (adapter_config.json with "format": "nora-serve")
+  three_matrix  official SLoRA / NLoRA / IntTune checkpoints (PEFT layout + lora_N)
+  dora_dyrank   official dynamic-rank DoRA checkpoint dir (model.safetensors + prune_state_dict.pt)
+  peft_lora     stock PEFT LoRA (rank_pattern, alpha_pattern, rsLoRA; PiSSA/OLoRA saved converted)
+  peft_adalora  stock PEFT AdaLoRA
+  peft_vera     stock PEFT VeRA (needs --base)
+
+With several sources the last argument is a directory; each source goes to OUT_DIR/<name>.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nora-convert",
+        description="Fold adapters (NoRA, SLoRA/NLoRA/IntTune, dynamic-rank DoRA, PEFT LoRA/"
+                    "AdaLoRA/VeRA/PiSSA) exactly into stock PEFT LoRA directories for vLLM.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT, or SRC... OUT_DIR")
+    p.add_argument("--base", metavar="MODEL_DIR",
+                   help="base model directory: checks shapes and fingerprints (required for VeRA)")
+    p.add_argument("--format", choices=FORMATS, help="force the source format")
+    p.add_argument("--max-rank", type=int, metavar="K", help="refuse (or, with truncation allowed, "
+                   "truncate) modules whose exact rank exceeds K")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="EPS",
+                   help="truncate each module while its relative Frobenius error stays <= EPS")
+    p.add_argument("--allow-truncation", action="store_true",
+                   help="truncate modules above --max-rank instead of failing")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="output dtype (default: the source's)")
+    p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="dynamic-rank DoRA only: the lora_alpha it was trained with (not stored "
+                        "in its checkpoints; default: the target rank round(r0 / 1.5), i.e. the "
+                        "DoRA recipe's r0 = ceil(1.5 * target))")
+    p.add_argument("--compute-dtype", choices=["float64", "float32"], default="float64",
+                   help="fold arithmetic: float64 (default, exact ranks) or float32 (faster; "
+                        "components below 1.2e-4 of a module's largest singular value are "
+                        "dropped, and the error that costs is reported)")
+    p.add_argument("--verify", action="store_true",
+                   help="recompute the source method's forward on random inputs and report the "
+                        "worst relative error")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    return p
+
+
+def _out_name(src: Path) -> str:
+    src = src.resolve()
+    # A DoRA checkpoint is usually <run>/checkpoint: name it after the run.
+    return src.parent.name if src.name == "checkpoint" and src.parent.name else src.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.paths) < 2:
+        print("nora-convert: error: need SRC and OUT (or SRC... OUT_DIR)", file=sys.stderr)
+        return 2
+    *srcs, out = [Path(p) for p in args.paths]
+    if len(srcs) == 1:
+        jobs = [(srcs[0], out)]
+    else:
+        if out.exists() and not out.is_dir():
+            print(f"nora-convert: error: {out}: not a directory", file=sys.stderr)
+            return 2
+        names = [_out_name(s) for s in srcs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            print(f"nora-convert: error: several sources would be written to {out / dup[0]}",
+                  file=sys.stderr)
+            return 2
+        jobs = [(s, out / n) for s, n in zip(srcs, names)]
+
+    failed = 0
+    for src, dst in jobs:
+        try:
+            rep = convert_adapter(
+                src, dst, base=args.base, fmt=args.format, max_rank=args.max_rank,
+                tolerance=args.tolerance, allow_truncation=args.allow_truncation,
+                dtype=args.dtype, verify=args.verify, overwrite=args.overwrite,
+                progress=not args.quiet, lora_alpha=args.lora_alpha,
+                compute_dtype=getattr(torch, args.compute_dtype))
+        except AdapterError as e:
+            print(f"nora-convert: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        except OSError as e:  # disk full, permissions: still one line, never a traceback
+            print(f"nora-convert: error: {src}: {e.strerror or e}", file=sys.stderr)
+            failed += 1
+            continue
+        if not args.quiet:
+            print(f"{src} -> {dst}  [{rep.format}, method {rep.method}, dtype {rep.dtype}]")
+            print(rep.table())
+        n_mod = sum(1 for r in rep.rows if r[2] > 0)
+        line = (f"{dst}: {n_mod} modules, max rank {rep.max_rank}, "
+                f"max truncation error {rep.max_rel_error:.3e}")
+        if rep.verify_error is not None:
+            line += f", verify: worst relative error {rep.verify_error:.3e}"
+        print(line)
+        for note in rep.notes:
+            print(f"note: {note}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
