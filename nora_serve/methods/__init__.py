@@ -8,7 +8,7 @@ from .base import Factors
 from .lora import lora_factors, lora_scale
 from .nora import nora_factors, svd_outer
 from .three_matrix import nystrom_init, three_matrix_factors
-from .dyrank import dyrank_factors
+from .dyrank import dyrank_budget, dyrank_factors, dyrank_importance, dyrank_variance_reg
 from .peft_variants import adalora_factors, vera_factors
 
 __all__ = [
@@ -20,6 +20,9 @@ __all__ = [
     "three_matrix_factors",
     "nystrom_init",
     "dyrank_factors",
+    "dyrank_importance",
+    "dyrank_budget",
+    "dyrank_variance_reg",
     "adalora_factors",
     "vera_factors",
 ]

@@ -1,0 +1,207 @@
+"""Put adapter layers into a Hugging Face causal LM, and the frozen factors they start from.
+
+Frozen outer factors (NoRA's SVD pair, IntTune's Nyström slices) are computed from the base
+weights *as stored* (the safetensors files, not a dtype-converted copy), so they are a
+deterministic function of (base weights, method, ranks, calibration settings) and two
+adapters trained from one base share them bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import AdapterLinear, DyRankLinear, LoRALinear, NoRALinear, ThreeMatrixLinear
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora", "nora", "slora", "nlora", "inttune", "dyrank")
+
+
+def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Full names of the ``nn.Linear`` modules whose name ends with one of ``targets``
+    (a suffix of whole name parts: ``q_proj`` or ``self_attn.q_proj``), in model order."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    targets = [t.strip().strip(".") for t in targets if t.strip()]
+    if not targets:
+        raise ValueError("no target modules given")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found, unknown = [], []
+    for t in targets:
+        hits = [n for n in linears if n == t or n.endswith("." + t)]
+        if not hits:
+            unknown.append(t)
+        found += hits
+    if unknown:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(
+            f"unknown target module(s) {', '.join(map(repr, unknown))}: no nn.Linear in this model "
+            f"has that name; its linear layers are named {', '.join(kinds)}"
+        )
+    order = {n: i for i, n in enumerate(linears)}
+    return sorted(set(found), key=order.__getitem__)
+
+
+def model_dir(name_or_path: str) -> Path | None:
+    """The local directory holding the model's files (a path, or a cached Hub snapshot)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:
+        return None
+
+
+def stored_weights(model: nn.Module, names: list[str], mdir: Path | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module, weight)`` one at a time, from the safetensors files when they hold the
+    module's weight, else from the loaded module (e.g. a checkpoint with renamed keys)."""
+    wanted = {f"{n}.weight": n for n in names}
+    done: set[str] = set()
+    if mdir is not None:
+        from safetensors import safe_open
+
+        for f in sorted(mdir.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as fh:
+                for key in fh.keys():
+                    if key in wanted and wanted[key] not in done:
+                        done.add(wanted[key])
+                        yield wanted[key], fh.get_tensor(key)
+    for n in names:
+        if n not in done:
+            yield n, model.get_submodule(n).weight.detach().to("cpu")
+
+
+@torch.no_grad()
+def activation_scales(model: nn.Module, names: list[str], batches: list[list[int]], power: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``mean(|x|) ** power`` of each target's input over the calibration
+    sequences (one at a time on the CPU, no padding: the same numbers on every run)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=torch.tensor([ids], device=dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    # Clamped so that dividing the scale back out of A_o stays finite for dead channels.
+    return {n: (sums[n] / counts[n]).clamp_min(1e-6) ** power for n in names}
+
+
+def calibration_settings(batches: list[list[int]], max_length: int, dtype: torch.dtype, power: float) -> dict:
+    """What the activation-aware outer pair depends on, recorded in ``shared_basis``."""
+    digest = hashlib.sha256(json.dumps(batches).encode()).hexdigest()[:32]
+    return {
+        "stat": "mean_abs",
+        "power": power,
+        "examples": len(batches),
+        "max_length": max_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens_sha256": digest,
+    }
+
+
+def build_layer(
+    method: str,
+    base: nn.Linear,
+    W0: torch.Tensor,
+    *,
+    r: int,
+    alpha: float,
+    inner_r: int | None = None,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    act_scale: torch.Tensor | None = None,
+    gen: torch.Generator | None = None,
+) -> AdapterLinear:
+    """One adapter layer around ``base``; ``W0`` is its weight as stored."""
+    from .layers import svd_outer_f32
+
+    d_out, d_in = base.out_features, base.in_features
+    if method == "lora":
+        return LoRALinear(base, r, alpha, use_rslora=use_rslora, dropout=dropout, gen=gen)
+    if method == "nora":
+        if r > min(d_out, d_in):
+            raise ValueError(f"NoRA rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of a target")
+        A_o, B_o = svd_outer_f32(W0, r, act_scale)
+        return NoRALinear(base, A_o, B_o, inner_r, alpha, dropout=dropout, gen=gen)
+    if method in ("slora", "nlora", "inttune"):
+        if method != "slora" and r > min(d_out, d_in):
+            raise ValueError(f"{method} rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of a target")
+        return ThreeMatrixLinear(base, method, r, alpha, W0=W0, dropout=dropout, gen=gen)
+    if method == "dyrank":
+        return DyRankLinear(base, dyrank_start_rank(r), alpha, dropout=dropout, gen=gen)
+    raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+
+
+def dyrank_start_rank(r_target: int) -> int:
+    return math.ceil(1.5 * r_target)
+
+
+NEEDS_W0 = ("nora", "nlora", "inttune")
+
+
+def module_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one module's random init: depends on (seed, module name) only."""
+    h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+def inject(
+    model: nn.Module,
+    method: str,
+    names: list[str],
+    *,
+    weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+    act_scales: dict[str, torch.Tensor] | None = None,
+    **layer_kw,
+) -> dict[str, AdapterLinear]:
+    """Freeze the model and replace each named ``nn.Linear`` with its adapter layer.
+
+    ``weights`` yields ``(module, stored weight)`` (default: :func:`stored_weights` of the
+    loaded modules); only NoRA, NLoRA and IntTune read it, one weight at a time."""
+    model.requires_grad_(False)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if method in NEEDS_W0:
+        pairs = weights if weights is not None else stored_weights(model, names, None)
+    else:
+        pairs = ((n, None) for n in names)
+    layers: dict[str, AdapterLinear] = {}
+    for n, W0 in pairs:
+        base = model.get_submodule(n)
+        if W0 is not None and tuple(W0.shape) != tuple(base.weight.shape):
+            raise ValueError(f"{n}: stored weight {tuple(W0.shape)} != loaded {tuple(base.weight.shape)}")
+        layer = build_layer(
+            method, base, W0, act_scale=(act_scales or {}).get(n), gen=module_generator(seed, n), **layer_kw
+        )
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        layers[n] = layer
+    # Model order, whatever order the weights came in.
+    return {n: layers[n] for n in names}
