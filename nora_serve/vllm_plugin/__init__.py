@@ -1,6 +1,37 @@
-"""vLLM plugin (entry point ``vllm.general_plugins``): the only package that imports vLLM."""
+"""vLLM plugin (entry point ``vllm.general_plugins``): the only package that imports vLLM.
+
+``register()`` runs in every vLLM process. It installs wrappers (listed in ``hooks.py``) that
+do nothing unless ``additional_config["nora"]`` turns the plugin on, which ``--enable-nora``
+does on the command line and ``LLM(..., additional_config={"nora": {"enabled": True}})`` does
+offline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .settings import KEY, NoraSettings
+
+__all__ = ["register", "KEY", "NoraSettings", "llm_kwargs"]
+
+logger = logging.getLogger("nora_serve.vllm_plugin")
 
 
 def register() -> None:
-    """Called by vLLM in every process; does nothing until ``--enable-nora`` is implemented."""
-    return None
+    try:
+        from .hooks import install_general_hooks
+    except ImportError:  # vLLM missing or too different: leave it alone
+        logger.exception("nora: vLLM plugin not installed")
+        return
+    install_general_hooks()
+
+
+def llm_kwargs(*, adapter_dir: str | None = None, cache_dir: str | None = None,
+               check_base: bool = True) -> dict:
+    """Keyword arguments that enable nora for an offline ``vllm.LLM(...)``."""
+    nora = {"enabled": True, "check_base": check_base}
+    if adapter_dir:
+        nora["adapter_dir"] = adapter_dir
+    if cache_dir:
+        nora["cache_dir"] = cache_dir
+    return {"additional_config": {KEY: nora}}

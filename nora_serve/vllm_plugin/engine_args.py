@@ -1,0 +1,101 @@
+"""``--enable-nora`` and friends: CLI flags -> ``additional_config["nora"]`` -> LoRA defaults."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .settings import (
+    DEFAULT_MAX_CPU_LORAS,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
+    KEY,
+    NoraSettings,
+)
+
+
+def add_nora_cli_args(parser) -> None:
+    if any("--enable-nora" in getattr(a, "option_strings", ()) for a in parser._actions):
+        return
+    group = parser.add_argument_group(
+        "nora", "Serve NoRA / SLoRA / NLoRA / IntTune / dynamic-rank DoRA and PEFT adapters "
+        "(converted to LoRA on load)."
+    )
+    group.add_argument(
+        "--enable-nora", action="store_true", default=False,
+        help="Load adapters of every supported format wherever a LoRA path is accepted, and "
+        f"switch LoRA on (defaults unless set: --max-loras {DEFAULT_MAX_LORAS}, "
+        f"--max-lora-rank {DEFAULT_MAX_LORA_RANK}, --max-cpu-loras {DEFAULT_MAX_CPU_LORAS}).",
+    )
+    group.add_argument(
+        "--nora-adapter-dir", default=None,
+        help="Adapter store: every adapter directory in it is servable by its name on first "
+        "request (implies --enable-nora and runtime LoRA loading).",
+    )
+    group.add_argument(
+        "--nora-cache-dir", default=None,
+        help="Where converted adapters are cached (default ~/.cache/nora-serve/adapters).",
+    )
+    group.add_argument(
+        "--nora-skip-base-check", action="store_true", default=False,
+        help="Do not refuse adapters whose base-model fingerprints differ from the served model.",
+    )
+
+
+def apply_nora_cli_args(engine_args, args) -> None:
+    """Fold the nora flags into ``engine_args.additional_config`` (the only carrier to the
+    engine and worker processes), then set up the front end if nora is on."""
+    enabled = bool(getattr(args, "enable_nora", False) or getattr(args, "nora_adapter_dir", None))
+    extra = dict(engine_args.additional_config or {}) if isinstance(
+        engine_args.additional_config, dict) else engine_args.additional_config
+    if enabled and isinstance(extra, dict):
+        current = extra.get(KEY)
+        merged = dict(current) if isinstance(current, dict) else {}
+        merged["enabled"] = True
+        if getattr(args, "nora_adapter_dir", None):
+            merged["adapter_dir"] = os.path.abspath(args.nora_adapter_dir)
+        if getattr(args, "nora_cache_dir", None):
+            merged["cache_dir"] = os.path.abspath(args.nora_cache_dir)
+        if getattr(args, "nora_skip_base_check", False):
+            merged["check_base"] = False
+        extra[KEY] = merged
+        engine_args.additional_config = extra
+    settings = NoraSettings.from_additional_config(engine_args.additional_config)
+    if settings is None:
+        return
+    # Sizes given on the command line are kept even when they equal vLLM's defaults.
+    engine_args._nora_explicit = {
+        f for f, flag in (("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"),
+                          ("max_cpu_loras", "--max-cpu-loras"))
+        if any(a == flag or a.startswith(flag + "=") for a in sys.argv)
+    }
+    if settings.adapter_dir:
+        # The store resolves adapters by name at request time, which vLLM gates on this flag;
+        # it is read in this (API server) process only.
+        os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    from .hooks import install_api_server_hooks
+
+    install_api_server_hooks()
+
+
+def apply_lora_defaults(engine_args) -> None:
+    """With nora on (CLI or ``LLM(additional_config={"nora": {...}})``): LoRA on, sensible sizes."""
+    extra = engine_args.additional_config
+    if isinstance(extra, dict) and extra.get(KEY) is True:
+        extra[KEY] = {"enabled": True}
+    if NoraSettings.from_additional_config(extra) is None:
+        return
+    from vllm.config.lora import LoRAConfig
+
+    # Whoever switched LoRA on themselves chose its sizes; otherwise fill in what is left at
+    # vLLM's defaults (and not given explicitly on the command line).
+    keep = set(getattr(engine_args, "_nora_explicit", ()))
+    if engine_args.enable_lora:
+        keep |= {"max_loras", "max_lora_rank", "max_cpu_loras"}
+    engine_args.enable_lora = True
+    if "max_loras" not in keep and engine_args.max_loras == LoRAConfig.max_loras:
+        engine_args.max_loras = DEFAULT_MAX_LORAS
+    if "max_lora_rank" not in keep and engine_args.max_lora_rank == LoRAConfig.max_lora_rank:
+        engine_args.max_lora_rank = DEFAULT_MAX_LORA_RANK
+    if "max_cpu_loras" not in keep and not engine_args.max_cpu_loras:
+        engine_args.max_cpu_loras = max(DEFAULT_MAX_CPU_LORAS, engine_args.max_loras)

@@ -1,0 +1,170 @@
+"""Every vLLM symbol the plugin wraps, replaces or relies on, in one place (read this on a
+vLLM upgrade).
+
+Wrapped or replaced:
+
+| vLLM symbol                                                              | how      | process    |
+|--------------------------------------------------------------------------|----------|------------|
+| vllm.engine.arg_utils.EngineArgs.add_cli_args                            | wrapped  | front end  |
+| vllm.engine.arg_utils.EngineArgs.from_cli_args                           | wrapped  | front end  |
+| vllm.engine.arg_utils.EngineArgs.create_engine_config                    | wrapped  | front end  |
+| type(vllm.platforms.current_platform).get_punica_wrapper                 | wrapped  | all        |
+| vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU                     | subclass | worker     |
+| vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU                     | subclass | worker     |
+| vllm.lora.worker_manager.WorkerLoRAManager._load_adapter                 | wrapped  | worker     |
+| vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict | wrapped  | worker     |
+| vllm.entrypoints.openai.models.serving.OpenAIServingModels.__init__,     | wrapped  | API server |
+|   .load_lora_adapter, .resolve_lora, .show_available_models              |          |            |
+| vllm.lora.resolver.LoRAResolver                                          | subclass | API server |
+
+Relied on (signatures and behaviour): PunicaWrapperBase's token_lora_indices / sampler_indices /
+update_metadata, and the stacked weight layout [max_loras, 1, rank, d_in] / [.., d_out, rank];
+OpenAIServingModels' lora_requests, lora_resolvers, lora_resolver_lock, lora_id_counter,
+engine_client.vllm_config / add_lora; vllm.config.get_current_vllm_config_or_none;
+vllm.config.lora.LoRAConfig defaults; vllm.lora.request.LoRARequest (msgspec struct);
+vllm.lora.utils.get_adapter_absolute_path; vllm.exceptions.LoRAAdapterNotFoundError;
+vllm.entrypoints.serve.create_error_response and serve.engine.protocol.ErrorResponse;
+vllm.entrypoints.launchers.api_server.entry.main (nora-serve); vllm.logger.init_logger; and the
+env flag VLLM_ALLOW_RUNTIME_LORA_UPDATING, which vLLM reads to allow resolving adapters by name.
+
+Every wrapper is inert unless ``additional_config["nora"]`` enables the plugin, so vLLM behaves
+exactly as before without ``--enable-nora``. Wrappers are installed at most once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+_installed: set[str] = set()
+
+
+def _once(name: str) -> bool:
+    if name in _installed:
+        return False
+    _installed.add(name)
+    return True
+
+
+def install_general_hooks() -> None:
+    """Called from ``register()`` in every vLLM process."""
+    if _once("engine_args"):
+        from vllm.engine.arg_utils import EngineArgs
+
+        from . import engine_args as ea
+
+        orig_add = EngineArgs.add_cli_args
+        orig_from = EngineArgs.from_cli_args.__func__
+        orig_create = EngineArgs.create_engine_config
+
+        @functools.wraps(orig_add)
+        def add_cli_args(parser):
+            parser = orig_add(parser)
+            ea.add_nora_cli_args(parser)
+            return parser
+
+        @functools.wraps(orig_from)
+        def from_cli_args(cls, args):
+            engine_args = orig_from(cls, args)
+            ea.apply_nora_cli_args(engine_args, args)
+            return engine_args
+
+        @functools.wraps(orig_create)
+        def create_engine_config(self, *a, **kw):
+            ea.apply_lora_defaults(self)
+            return orig_create(self, *a, **kw)
+
+        EngineArgs.add_cli_args = staticmethod(add_cli_args)
+        EngineArgs.from_cli_args = classmethod(from_cli_args)
+        EngineArgs.create_engine_config = create_engine_config
+
+    if _once("platform"):
+        from vllm.platforms import current_platform
+
+        platform_cls = type(current_platform)
+        orig_get = platform_cls.get_punica_wrapper.__func__
+
+        @functools.wraps(orig_get)
+        def get_punica_wrapper(cls) -> str:
+            stock = orig_get(cls)
+            from vllm.config import get_current_vllm_config_or_none
+
+            from .settings import settings_of
+
+            if settings_of(get_current_vllm_config_or_none()) is None:
+                return stock
+            if stock.endswith(".PunicaWrapperCPU"):
+                return "nora_serve.vllm_plugin.punica_cpu.NoraPunicaWrapperCPU"
+            if stock.endswith(".PunicaWrapperGPU"):
+                return "nora_serve.vllm_plugin.punica_gpu.NoraPunicaWrapperGPU"
+            return stock
+
+        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
+
+
+def install_worker_hooks() -> None:
+    """Called when a nora punica wrapper is built, i.e. in a worker with nora enabled."""
+    if _once("worker"):
+        from vllm.config import get_current_vllm_config_or_none
+        from vllm.lora.worker_manager import WorkerLoRAManager
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        from . import worker
+
+        worker.remember_config(get_current_vllm_config_or_none())
+
+        orig_load = WorkerLoRAManager._load_adapter
+
+        @functools.wraps(orig_load)
+        def _load_adapter(self, lora_request):
+            lora = orig_load(self, worker.convert_request(self, lora_request))
+            worker.record_rank(lora_request.lora_int_id, lora)
+            return lora
+
+        WorkerLoRAManager._load_adapter = _load_adapter
+
+        from .punica_cpu import prompt_logprobs_rows
+
+        orig_prompt = GPUModelRunner._get_prompt_logprobs_dict
+
+        @functools.wraps(orig_prompt)
+        def _get_prompt_logprobs_dict(self, hidden_states, *a, **kw):
+            with prompt_logprobs_rows(hidden_states):
+                return orig_prompt(self, hidden_states, *a, **kw)
+
+        GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+
+
+def install_api_server_hooks() -> None:
+    """Called in the front-end process when the engine args enable nora."""
+    if _once("api_server"):
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+        from . import serving
+
+        orig_init = OpenAIServingModels.__init__
+        orig_load = OpenAIServingModels.load_lora_adapter
+        orig_resolve = OpenAIServingModels.resolve_lora
+        orig_show = OpenAIServingModels.show_available_models
+
+        @functools.wraps(orig_init)
+        def __init__(self, *a, **kw):
+            orig_init(self, *a, **kw)
+            serving.after_init(self)
+
+        @functools.wraps(orig_load)
+        async def load_lora_adapter(self, request, base_model_name=None):
+            return await serving.load_lora_adapter(self, orig_load, request, base_model_name)
+
+        @functools.wraps(orig_resolve)
+        async def resolve_lora(self, lora_name):
+            return await serving.resolve_lora(self, orig_resolve, lora_name)
+
+        @functools.wraps(orig_show)
+        async def show_available_models(self):
+            return serving.show_sources(self, await orig_show(self))
+
+        OpenAIServingModels.__init__ = __init__
+        OpenAIServingModels.load_lora_adapter = load_lora_adapter
+        OpenAIServingModels.resolve_lora = resolve_lora
+        OpenAIServingModels.show_available_models = show_available_models

@@ -1,0 +1,58 @@
+"""The plugin's settings, carried to every vLLM process inside ``additional_config["nora"]``.
+
+No vLLM import here: this is plain data, shared by the API server, engine core and workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KEY = "nora"
+
+# LoRA defaults switched on by --enable-nora, each only where the user left vLLM's default.
+DEFAULT_MAX_LORAS = 8
+DEFAULT_MAX_LORA_RANK = 64
+DEFAULT_MAX_CPU_LORAS = 32
+
+
+def default_cache_dir() -> str:
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "nora-serve", "adapters")
+
+
+@dataclass(frozen=True)
+class NoraSettings:
+    enabled: bool = True
+    adapter_dir: str | None = None  # the adapter store: every sub-directory servable by name
+    cache_dir: str | None = None  # converted adapters, keyed by content
+    check_base: bool = True  # refuse adapters whose base fingerprints do not match the model
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or default_cache_dir())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "NoraSettings | None":
+        """The settings if nora is enabled in this ``additional_config``, else ``None``."""
+        if not isinstance(additional_config, dict):
+            return None
+        raw = additional_config.get(KEY)
+        if raw is True:
+            raw = {}
+        if not isinstance(raw, dict) or not raw.get("enabled", True):
+            return None
+        known = {k: raw[k] for k in ("enabled", "adapter_dir", "cache_dir", "check_base") if k in raw}
+        return cls(**known)
+
+
+def settings_of(vllm_config: Any) -> NoraSettings | None:
+    """Settings from a ``VllmConfig`` (or anything with ``additional_config``)."""
+    if vllm_config is None:
+        return None
+    return NoraSettings.from_additional_config(getattr(vllm_config, "additional_config", None))

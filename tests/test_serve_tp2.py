@@ -1,0 +1,56 @@
+"""The concurrent mixed batch (base + adapters of several formats and ranks, prompt logprobs on)
+with ``--tensor-parallel-size 2``: every worker converts and applies its shard correctly."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_serve_reference import assert_matches, complete, make_native_adapters, reference_run  # noqa: E402
+from vllm_server import VLLMServer  # noqa: E402
+
+pytestmark = [pytest.mark.server, pytest.mark.tp2]
+
+MAX_TOKENS = 6
+PROMPTS = [[1, 127, 91, 85, 88, 39, 78, 92, 20], [1, 23, 112, 123, 18, 47, 40]]
+
+
+@pytest.fixture(scope="module")
+def adapters(fixtures_dir, base_dir, tmp_path_factory):
+    native = make_native_adapters(base_dir, tmp_path_factory.mktemp("native"), seed=3)
+    return {"slora": fixtures_dir / "slora", "dora": fixtures_dir / "dora_dyrank",
+            "vera": fixtures_dir / "peft_vera", "rank_pattern": fixtures_dir / "peft_lora_rank_pattern",
+            "nora": native["nora"], "lora16": native["lora"]}
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, adapters, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("nora-cache")
+    # Two adapters up front, the rest loaded over HTTP into the running TP2 engine.
+    static = [f"{n}={adapters[n]}" for n in ("slora", "nora")]
+    with VLLMServer(base_dir, ["--enable-nora", "--nora-cache-dir", str(cache), "--tensor-parallel-size", "2",
+                               "--lora-modules", *static],
+                    entry="nora_serve.cli.serve",
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
+        yield srv
+
+
+def test_mixed_batch_tp2(server, base_dir, adapters):
+    for name in ("dora", "vera", "rank_pattern", "lora16"):
+        r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters[name])})
+        assert r.status_code == 200, r.text
+    names = [None, *adapters, None]
+    jobs = [(n, p) for n in names for p in PROMPTS]
+    wants = [reference_run(str(base_dir), str(adapters[n]) if n else None, tuple(p), MAX_TOKENS) for n, p in jobs]
+    for with_prompt in (False, True):
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], MAX_TOKENS,
+                                                  prompt_logprobs=with_prompt), jobs))
+        for (n, _), got, want in zip(jobs, gots, wants):
+            assert_matches(got, want, n or "base")
+    assert server.get("/health").status_code == 200
