@@ -1,5 +1,5 @@
 """Shared pieces of the kernel benchmarks: Llama-3-8B layer shapes, adapter batches,
-byte counts, adapter storage and the table printer."""
+byte counts, the variants timed on both devices, adapter storage and the table printer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+
+from nora_serve.kernels import lora_linear, shared_basis_linear
 
 # Llama-3-8B decoder layer, grouped as vLLM runs it: merged qkv and gate_up GEMMs
 # with one LoRA slice per original projection (seven projections in all).
@@ -71,6 +73,40 @@ def bytes_shared(T, d_in, d_outs, act_ranks, eb, basis_rank=MAX_RANK):
     S = len(d_outs)
     w = basis_rank * (S * d_in + sum(d_outs)) * eb + S * sum(r * r for r in act_ranks) * eb
     return w + T * d_in * eb + 2 * T * sum(d_outs) * eb
+
+
+def layer_bytes(T, groups, act_ranks, eb) -> tuple[float, float, float, float]:
+    """Bytes moved by the base GEMMs, vLLM's ops, ours and the shared basis over `groups`."""
+    return (
+        sum(bytes_base(T, d, o, eb) for _, d, o in groups),
+        sum(bytes_vllm(T, d, o, len(act_ranks), eb) for _, d, o in groups),
+        sum(bytes_ours(T, d, o, act_ranks, eb) for _, d, o in groups),
+        sum(bytes_shared(T, d, o, act_ranks, eb) for _, d, o in groups),
+    )
+
+
+def nora_variants(layers, meta, ranks) -> dict:
+    """The base GEMMs, our fused LoRA op and the shared-basis op over `layers` (tuples
+    d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y), as closures to time; the same on
+    CPU and GPU, only vLLM's ops (the other variant) differ."""
+
+    def base():
+        for _, _, x, w, *_r, y in layers:
+            torch.mm(x, w.t(), out=y)
+
+    def ours():
+        for d_in, d_outs, x, w, a, b, *_r, y in layers:
+            lora_linear(y, x, a, b, meta, ranks)
+
+    def shared():
+        for d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y in layers:
+            off = 0
+            for s, n in enumerate(d_outs):
+                flat, offs, rk = cores[s]
+                shared_basis_linear(y, x, a_sh[s], b_sh[s], flat, offs, rk, meta, 1.0, off)
+                off += n
+
+    return {"base": base, "ours": ours, "shared": shared}
 
 
 def storage_table(eb: int = 2) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels_common as C  # noqa: E402
 
-from nora_serve.kernels import build_segment_meta, lora_linear, pack_cores, shared_basis_linear  # noqa: E402
+from nora_serve.kernels import build_segment_meta, lora_linear, pack_cores  # noqa: E402
 
 
 def _timer(fn):
@@ -88,9 +88,7 @@ def run_case(case: C.Case, groups, dtype, reps, peak_bw):
         y = torch.zeros(T, sum(d_outs), dtype=dtype)
         layers.append((d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y))
 
-    def base():
-        for _, _, x, w, *_rest, y in layers:
-            torch.mm(x, w.t(), out=y)
+    fns = C.nora_variants(layers, meta, ranks)
 
     def vllm_lora():  # PunicaWrapperCPU.add_lora_linear, decode path
         for d_in, d_outs, x, w, a, b, *_r, y in layers:
@@ -102,24 +100,9 @@ def run_case(case: C.Case, groups, dtype, reps, peak_bw):
                 bgmv_expand_slice(bufs[s], b[s], y, idx, off, n, True)
                 off += n
 
-    def ours():
-        for d_in, d_outs, x, w, a, b, *_r, y in layers:
-            lora_linear(y, x, a, b, meta, ranks)
-
-    def shared():
-        for d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y in layers:
-            off = 0
-            for s, n in enumerate(d_outs):
-                flat, offs, rk = cores[s]
-                shared_basis_linear(y, x, a_sh[s], b_sh[s], flat, offs, rk, meta, 1.0, off)
-                off += n
-
-    t_base, t_v, t_o, t_s = C.interleaved_medians([base, vllm_lora, ours, shared], reps, 1, _timer)
-    b_base = sum(C.bytes_base(T, d, o, eb) for _, d, o in groups)
-    b_v = sum(C.bytes_vllm(T, d, o, len(act), eb) for _, d, o in groups)
-    b_o = sum(C.bytes_ours(T, d, o, act, eb) for _, d, o in groups)
-    b_s = sum(C.bytes_shared(T, d, o, act, eb) for _, d, o in groups)
-    return C.row(case, t_base, t_v, t_o, t_s, b_base, b_v, b_o, b_s, peak_bw), t_v / t_o
+    t_base, t_v, t_o, t_s = C.interleaved_medians(
+        [fns["base"], vllm_lora, fns["ours"], fns["shared"]], reps, 1, _timer)
+    return C.row(case, t_base, t_v, t_o, t_s, *C.layer_bytes(T, groups, act, eb), peak_bw), t_v / t_o
 
 
 def main(argv=None):

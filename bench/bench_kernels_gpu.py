@@ -25,12 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels_common as C  # noqa: E402
 
-from nora_serve.kernels import (  # noqa: E402
-    build_segment_meta,
-    lora_linear,
-    pack_cores,
-    shared_basis_linear,
-)
+from nora_serve.kernels import build_segment_meta, pack_cores  # noqa: E402
 
 
 def vllm_ops():
@@ -114,23 +109,7 @@ def variants(case: C.Case, layers, dev, with_vllm=True, specialize=False):
     ranks = torch.tensor(case.ranks(), dtype=torch.int32, device=dev)
     meta = build_segment_meta(slot, L)
 
-    def base():
-        for _, _, x, w, *_r, y in layers:
-            torch.mm(x, w.t(), out=y)
-
-    def ours():
-        for d_in, d_outs, x, w, a, b, *_r, y in layers:
-            lora_linear(y, x, a, b, meta, ranks)
-
-    def shared():
-        for d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y in layers:
-            off = 0
-            for s, n in enumerate(d_outs):
-                flat, offs, rk = cores[s]
-                shared_basis_linear(y, x, a_sh[s], b_sh[s], flat, offs, rk, meta, 1.0, off)
-                off += n
-
-    out = {"base": base, "ours": ours, "shared": shared}
+    out = C.nora_variants(layers, meta, ranks)
     if with_vllm:
         LoRAKernelMeta, lora_shrink, lora_expand = vllm_ops()
         from vllm.lora.utils import get_captured_lora_counts
@@ -231,12 +210,8 @@ def main(argv=None):
                 run = {k: (fns[k] if args.eager else as_graph(fns[k])) for k in order}
                 t = {k: cuda_time(run[k], args.iters, reps) for k in order}
                 act = C.active_ranks(case)
-                print(C.row(
-                    case, t["base"], t["vllm"], t["ours"], t["shared"],
-                    sum(C.bytes_base(B, d, o, eb) for _, d, o in groups),
-                    sum(C.bytes_vllm(B, d, o, len(act), eb) for _, d, o in groups),
-                    sum(C.bytes_ours(B, d, o, act, eb) for _, d, o in groups),
-                    sum(C.bytes_shared(B, d, o, act, eb) for _, d, o in groups), bw), flush=True)
+                print(C.row(case, t["base"], t["vllm"], t["ours"], t["shared"],
+                            *C.layer_bytes(B, groups, act, eb), bw), flush=True)
             del layers
             torch.cuda.empty_cache()
     slot = C.Case(max(batches), max(adapters), "mixed").token_slots().to(dev)

@@ -26,6 +26,11 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a @ b_t
 
 
+def _out_dtype(w: torch.Tensor) -> torch.dtype:
+    """dtype of a product with w as _mm computes it (fp16 runs in fp32)."""
+    return torch.float32 if w.dtype == torch.float16 else w.dtype
+
+
 def _segments(seg_slot, seg_start, seg_len):
     return [
         (s, b, n)
@@ -76,7 +81,7 @@ def expand_impl(inp, lora_b, y, sorted_tokens, seg_slot, seg_start, seg_len, ran
         w = as_3d(w)
         rk = slice_ranks(ranks, s).tolist()
         n_out = w.shape[1]
-        res = torch.zeros(idx.numel(), n_out, dtype=torch.float32 if w.dtype == torch.float16 else w.dtype)
+        res = torch.zeros(idx.numel(), n_out, dtype=_out_dtype(w))
         for slot, b, n in segs:
             r = rk[slot]
             if r > 0:
@@ -103,7 +108,7 @@ def linear_impl(y, x, lora_a, lora_b, sorted_tokens, seg_slot, seg_start, seg_le
         wa, wb = as_3d(wa), as_3d(wb)
         rk = slice_ranks(ranks, s).tolist()
         n_out = wb.shape[1]
-        res = torch.zeros(idx.numel(), n_out, dtype=torch.float32 if wb.dtype == torch.float16 else wb.dtype)
+        res = torch.zeros(idx.numel(), n_out, dtype=_out_dtype(wb))
         for slot, b, n in segs:
             r = rk[slot]
             if r > 0:

@@ -22,6 +22,29 @@ def as_3d(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+# The references share only these small lookups; each keeps its own loop so that
+# it still reads as the formula in its docstring.
+
+
+def _adapter_tokens(token_slot: torch.Tensor, T: int):
+    """(t, slot) for each token t < T that has an adapter (slot -1: none)."""
+    for t in range(T):
+        slot = int(token_slot[t])
+        if slot >= 0:
+            yield t, slot
+
+
+def _slice_rank(ranks: torch.Tensor, s: int, slot: int) -> int:
+    """ranks is [L] (all slices alike) or [S, L] (per slice)."""
+    return int(ranks[s, slot] if ranks.dim() == 2 else ranks[slot])
+
+
+def _core(cores_flat: torch.Tensor, core_offsets: torch.Tensor, slot: int, r: int) -> torch.Tensor:
+    """The slot's r x r core, fp32 on the CPU."""
+    off = int(core_offsets[slot])
+    return cores_flat[off : off + r * r].float().cpu().view(r, r)
+
+
 def ref_lora_shrink(
     x: torch.Tensor,
     lora_a: Sequence[torch.Tensor],
@@ -38,12 +61,9 @@ def ref_lora_shrink(
     T = x.shape[0]
     R = a[0].shape[1]
     out = torch.zeros(len(a), T, R, dtype=torch.float32)
-    for t in range(T):
-        slot = int(token_slot[t])
-        if slot < 0:
-            continue
+    for t, slot in _adapter_tokens(token_slot, T):
         for s, w in enumerate(a):
-            r = int(ranks[s, slot] if ranks.dim() == 2 else ranks[slot])
+            r = _slice_rank(ranks, s, slot)
             out[s, t, :r] = scale * (w[slot, :r].float().cpu() @ x[t].float().cpu())
     return out
 
@@ -64,13 +84,10 @@ def ref_lora_expand(
     """
     b = [as_3d(w) for w in lora_b]
     out = y.detach().clone().float().cpu()
-    for t in range(y.shape[0]):
-        slot = int(token_slot[t])
-        if slot < 0:
-            continue
+    for t, slot in _adapter_tokens(token_slot, y.shape[0]):
         off = offset_start
         for s, w in enumerate(b):
-            r = int(ranks[s, slot] if ranks.dim() == 2 else ranks[slot])
+            r = _slice_rank(ranks, s, slot)
             n = w.shape[1]
             d = w[slot, :, :r].float().cpu() @ buf[s, t, :r].float().cpu()
             out[t, off : off + n] = (out[t, off : off + n] if add_inputs else 0) + d
@@ -107,13 +124,9 @@ def ref_core_gather(
     """
     T, R = h.shape
     g = torch.zeros(T, R, dtype=torch.float32)
-    for t in range(T):
-        slot = int(token_slot[t])
-        if slot < 0:
-            continue
+    for t, slot in _adapter_tokens(token_slot, T):
         r = int(ranks[slot])
-        off = int(core_offsets[slot])
-        c = cores_flat[off : off + r * r].float().cpu().view(r, r)
+        c = _core(cores_flat, core_offsets, slot, r)
         g[t, :r] = scale * (c @ h[t, :r].float().cpu())
     return g
 
@@ -138,13 +151,9 @@ def ref_shared_basis_linear(
     """
     out = y.detach().clone().float().cpu()
     d_out = b_shared.shape[0]
-    for t in range(x.shape[0]):
-        slot = int(token_slot[t])
-        if slot < 0:
-            continue
+    for t, slot in _adapter_tokens(token_slot, x.shape[0]):
         r = int(ranks[slot])
-        off = int(core_offsets[slot])
-        c = cores_flat[off : off + r * r].float().cpu().view(r, r)
+        c = _core(cores_flat, core_offsets, slot, r)
         h = a_shared[:r].float().cpu() @ x[t].float().cpu()
         out[t, y_offset : y_offset + d_out] += scale * (b_shared[:, :r].float().cpu() @ (c @ h))
     return out
@@ -169,10 +178,7 @@ def ref_shared_basis_inner_linear(
     ia, ib = as_3d(inner_a), as_3d(inner_b)
     out = y.detach().clone().float().cpu()
     d_out = b_shared.shape[0]
-    for t in range(x.shape[0]):
-        slot = int(token_slot[t])
-        if slot < 0:
-            continue
+    for t, slot in _adapter_tokens(token_slot, x.shape[0]):
         r = int(ranks[slot])
         h = a_shared.float().cpu() @ x[t].float().cpu()
         g = ib[slot, :, :r].float().cpu() @ (ia[slot, :r].float().cpu() @ h)

@@ -47,14 +47,65 @@ def _pow2_at_least(n: int, lo: int = 16) -> int:
     return p
 
 
-triton = tl = None  # bound on first use; module globals so the JIT resolves them
+# Bound on first use; module globals so the JIT (and the interpreter, which does
+# not see closures) resolves them, the @triton.jit helpers included.
+triton = tl = None
+_tile_tokens = _dot = _rows_dot_cols = _store_rows = None
 
 
 @functools.cache
 def _kernels():
-    global triton, tl
+    global triton, tl, _tile_tokens, _dot, _rows_dot_cols, _store_rows
     import triton
     import triton.language as tl
+
+    # Pieces shared by the kernels; the JIT inlines them. The idle-tile / rank
+    # early exits stay in each kernel: a `return` in a helper would not end it.
+
+    @triton.jit
+    def _tile_tokens(sorted_ptr, tile_start_ptr, tile_len_ptr, tile, BLOCK_M: tl.constexpr):
+        """The tile's token rows (int64; row 0 past the tile's length) and row mask."""
+        start = tl.load(tile_start_ptr + tile)
+        mlen = tl.load(tile_len_ptr + tile)
+        offs_m = tl.arange(0, BLOCK_M)
+        mmask = offs_m < mlen
+        tok = tl.load(sorted_ptr + start + offs_m, mask=mmask, other=0).to(tl.int64)
+        return tok, mmask
+
+    @triton.jit
+    def _dot(a, b, DOT_F32: tl.constexpr):
+        """a @ b, fp32 result: a cast to b's dtype, or both upcast under DOT_F32."""
+        if DOT_F32:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            out = tl.dot(a.to(b.dtype), b)
+        return out
+
+    @triton.jit
+    def _rows_dot_cols(a_rows, sak, amask, b_cols, sbk, bmask, K,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+        """fp32 [BLOCK_M, BLOCK_N]: sum over k < K of a_rows[m][k * sak] * b_cols[n][k * sbk],
+        rows / columns outside amask / bmask and k >= K read as 0."""
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < K
+            a = tl.load(a_rows + kk[None, :] * sak, mask=amask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_cols + kk[:, None] * sbk, mask=kmask[:, None] & bmask[None, :], other=0.0)
+            acc += _dot(a, b, DOT_F32)
+        return acc
+
+    @triton.jit
+    def _store_rows(y_ptr, tok, mmask, offs_n, nmask, y_off, sy0, sy1, acc,
+                    ADD_INPUTS: tl.constexpr):
+        """y[tok, y_off + offs_n] (+)= acc on the masked rows / columns."""
+        yp = y_ptr + tok[:, None] * sy0 + (y_off + offs_n[None, :]) * sy1
+        m2 = mmask[:, None] & nmask[None, :]
+        if ADD_INPUTS:
+            acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
     def shrink_kernel(
@@ -71,26 +122,13 @@ def _kernels():
         n0 = pid_n * BLOCK_N
         if n0 >= r:  # rank-aware: no block past the slot's rank runs
             return
-        start = tl.load(tile_start_ptr + tile)
-        mlen = tl.load(tile_len_ptr + tile)
-        offs_m = tl.arange(0, BLOCK_M)
-        mmask = offs_m < mlen
-        tok = tl.load(sorted_ptr + start + offs_m, mask=mmask, other=0).to(tl.int64)
+        tok, mmask = _tile_tokens(sorted_ptr, tile_start_ptr, tile_len_ptr, tile, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < r
-        offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * sx0
         w_rows = w_ptr + slot.to(tl.int64) * sw0 + offs_n[None, :] * sw1
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < K
-            a = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_rows + kk[:, None] * sw2, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-            else:
-                acc += tl.dot(a.to(b.dtype), b)
+        acc = _rows_dot_cols(x_rows, sx1, mmask, w_rows, sw2, nmask, K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
         out = out_ptr + tok[:, None] * so0 + offs_n[None, :] * so1
         tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -110,32 +148,15 @@ def _kernels():
         if ADD_INPUTS:
             if r == 0:
                 return
-        start = tl.load(tile_start_ptr + tile)
-        mlen = tl.load(tile_len_ptr + tile)
-        offs_m = tl.arange(0, BLOCK_M)
-        mmask = offs_m < mlen
-        tok = tl.load(sorted_ptr + start + offs_m, mask=mmask, other=0).to(tl.int64)
+        tok, mmask = _tile_tokens(sorted_ptr, tile_start_ptr, tile_len_ptr, tile, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        in_rows = in_ptr + tok[:, None] * si0
+        w_rows = w_ptr + slot.to(tl.int64) * sw0 + offs_n[None, :] * sw1
         # The K loop stops at the slot's rank: nothing past it is read.
-        for k0 in range(0, r, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < r
-            a = tl.load(in_ptr + tok[:, None] * si0 + kk[None, :] * si1,
-                        mask=mmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptr + slot.to(tl.int64) * sw0 + offs_n[None, :] * sw1 + kk[:, None] * sw2,
-                        mask=kmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-            else:
-                acc += tl.dot(a.to(b.dtype), b)
-        yp = y_ptr + tok[:, None] * sy0 + (y_off + offs_n[None, :]) * sy1
-        m2 = mmask[:, None] & nmask[None, :]
-        if ADD_INPUTS:
-            acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=m2)
+        acc = _rows_dot_cols(in_rows, si1, mmask, w_rows, sw2, nmask, r,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        _store_rows(y_ptr, tok, mmask, offs_n, nmask, y_off, sy0, sy1, acc, ADD_INPUTS)
 
     @triton.jit
     def fused_kernel(
@@ -156,40 +177,21 @@ def _kernels():
         r = tl.load(ranks_ptr + slot)
         if r == 0:
             return
-        start = tl.load(tile_start_ptr + tile)
-        mlen = tl.load(tile_len_ptr + tile)
-        offs_m = tl.arange(0, BLOCK_M)
-        mmask = offs_m < mlen
-        tok = tl.load(sorted_ptr + start + offs_m, mask=mmask, other=0).to(tl.int64)
+        tok, mmask = _tile_tokens(sorted_ptr, tile_start_ptr, tile_len_ptr, tile, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         rmask = offs_r < r
-        offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + tok[:, None] * sx0
         a_rows = a_ptr + slot.to(tl.int64) * sa0 + offs_r[None, :] * sa1
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < K
-            xa = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            wa = tl.load(a_rows + kk[:, None] * sa2, mask=kmask[:, None] & rmask[None, :], other=0.0)
-            if DOT_F32:
-                h += tl.dot(xa.to(tl.float32), wa.to(tl.float32))
-            else:
-                h += tl.dot(xa.to(wa.dtype), wa)
+        h = _rows_dot_cols(x_rows, sx1, mmask, a_rows, sa2, rmask, K,
+                           BLOCK_M, BLOCK_R, BLOCK_K, DOT_F32)
         h = h * scale
         b_rows = b_ptr + slot.to(tl.int64) * sb0 + offs_r[:, None] * sb2
         for nb in range(pid, tl.cdiv(N, BLOCK_N), nprog):
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
             wb = tl.load(b_rows + offs_n[None, :] * sb1, mask=rmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(h, wb.to(tl.float32))
-            else:
-                acc = tl.dot(h.to(wb.dtype), wb)
-            yp = y_ptr + tok[:, None] * sy0 + (y_off + offs_n[None, :]) * sy1
-            m2 = mmask[:, None] & nmask[None, :]
-            acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
-            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=m2)
+            acc = _dot(h, wb, DOT_F32)
+            _store_rows(y_ptr, tok, mmask, offs_n, nmask, y_off, sy0, sy1, acc, True)  # y += acc
 
     @triton.jit
     def core_kernel(
@@ -206,11 +208,7 @@ def _kernels():
         if r == 0:
             return
         off = tl.load(coff_ptr + slot).to(tl.int64)
-        start = tl.load(tile_start_ptr + tile)
-        mlen = tl.load(tile_len_ptr + tile)
-        offs_m = tl.arange(0, BLOCK_M)
-        mmask = offs_m < mlen
-        tok = tl.load(sorted_ptr + start + offs_m, mask=mmask, other=0).to(tl.int64)
+        tok, mmask = _tile_tokens(sorted_ptr, tile_start_ptr, tile_len_ptr, tile, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         rmask = offs_r < r
         hh = tl.load(h_ptr + tok[:, None] * sh0 + offs_r[None, :] * sh1,
@@ -218,10 +216,7 @@ def _kernels():
         # ct[j, i] = C[i, j]
         ct = tl.load(c_ptr + off + offs_r[None, :] * r + offs_r[:, None],
                      mask=rmask[:, None] & rmask[None, :], other=0.0)
-        if DOT_F32:
-            g = tl.dot(hh.to(tl.float32), ct.to(tl.float32))
-        else:
-            g = tl.dot(hh.to(ct.dtype), ct)
+        g = _dot(hh, ct, DOT_F32)
         tl.store(g_ptr + tok[:, None] * sg0 + offs_r[None, :] * sg1,
                  (g * scale).to(g_ptr.dtype.element_ty), mask=mmask[:, None] & rmask[None, :])
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from nora_serve.kernels import (
 )
 from nora_serve.kernels import reference as ref
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_cases as kc  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1",
     reason="CPU-path tests; with TRITON_INTERPRET=1 CPU tensors go to Triton",
@@ -34,21 +39,8 @@ RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    got = got.float()
-    scale = max(want.abs().max().item(), 1e-6)
-    err = (got - want).abs().max().item()
-    assert err <= RTOL[dtype] * scale, f"max err {err} vs scale {scale}"
+    kc.assert_close(got, want, RTOL[dtype])
 
-
-def _case(T, L, max_rank, d_in, d_outs, ranks, dtype, seed, none_frac=0.25):
-    g = torch.Generator().manual_seed(seed)
-    slot = torch.randint(0, L, (T,), generator=g, dtype=torch.int32)
-    slot[torch.rand(T, generator=g) < none_frac] = -1
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    # Scaled so products stay O(1) in fp16.
-    a = [(torch.randn(L, 1, max_rank, d_in, generator=g) / d_in**0.5).to(dtype) for _ in d_outs]
-    b = [(torch.randn(L, 1, n, max_rank, generator=g) / max_rank**0.5).to(dtype) for n in d_outs]
-    return slot, x, a, b, torch.tensor(ranks, dtype=torch.int32)
 
 
 # Every rank 1..64 appears across the slots; slot 3 is rank 0 (empty slot).
@@ -60,7 +52,7 @@ REAL_SIZES = [(4096, [4096]), (4096, [4096, 1024, 1024]), (14336, [4096])]
 @pytest.mark.parametrize("d_in,d_outs", REAL_SIZES)
 def test_shrink_expand_real_sizes(dtype, d_in, d_outs):
     L = len(RANKS_64)
-    slot, x, a, b, ranks = _case(24, L, 64, d_in, d_outs, RANKS_64, dtype, seed=d_in)
+    slot, x, a, b, ranks = kc.lora_case(24, L, 64, d_in, d_outs, RANKS_64, dtype, seed=d_in)
     meta = build_segment_meta(slot, L)
     buf = torch.full((len(d_outs), 24, 64), float("nan"))
     lora_shrink(x, a, buf, meta, ranks, scale=0.5)
@@ -82,7 +74,7 @@ def test_shrink_expand_real_sizes(dtype, d_in, d_outs):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_linear_matches_reference(dtype):
     L = len(RANKS_64)
-    slot, x, a, b, ranks = _case(40, L, 64, 4096, [4096, 1024, 1024], RANKS_64, dtype, seed=7)
+    slot, x, a, b, ranks = kc.lora_case(40, L, 64, 4096, [4096, 1024, 1024], RANKS_64, dtype, seed=7)
     meta = build_segment_meta(slot, L)
     y0 = torch.randn(40, 6144).to(dtype)
     y = y0.clone()
@@ -93,7 +85,7 @@ def test_fused_linear_matches_reference(dtype):
 
 def test_expand_without_add_inputs_overwrites_adapter_rows_only():
     L = 4
-    slot, x, a, b, ranks = _case(16, L, 16, 64, [32], [3, 16, 0, 5], torch.float32, seed=3)
+    slot, x, a, b, ranks = kc.lora_case(16, L, 16, 64, [32], [3, 16, 0, 5], torch.float32, seed=3)
     meta = build_segment_meta(slot, L)
     buf = ref.ref_lora_shrink(x, a, slot, ranks)
     y0 = torch.randn(16, 32)
@@ -107,7 +99,7 @@ def test_reads_nothing_past_rank():
     """Garbage (NaN) past each slot's rank must not reach the output."""
     L = 3
     ranks = [5, 64, 1]
-    slot, x, a, b, rk = _case(12, L, 64, 256, [128], ranks, torch.float32, seed=11)
+    slot, x, a, b, rk = kc.lora_case(12, L, 64, 256, [128], ranks, torch.float32, seed=11)
     for s, r in enumerate(ranks):
         a[0][s, 0, r:] = float("nan")
         b[0][s, 0, :, r:] = float("nan")
@@ -129,7 +121,7 @@ def test_reads_nothing_past_rank():
 
 def test_all_tokens_without_adapter_is_a_no_op():
     L = 4
-    slot, x, a, b, ranks = _case(8, L, 16, 64, [64], [16] * 4, torch.float32, seed=5)
+    slot, x, a, b, ranks = kc.lora_case(8, L, 16, 64, [64], [16] * 4, torch.float32, seed=5)
     slot[:] = -1
     meta = build_segment_meta(slot, L)
     y0 = torch.randn(8, 64)
@@ -148,7 +140,7 @@ def test_minus_one_is_never_an_index():
     exactly that (checked below when vLLM is importable)."""
     L = 3
     slot = torch.tensor([-1, L - 1], dtype=torch.int32)
-    _, x, a, b, ranks = _case(2, L, 8, 32, [32], [8, 8, 8], torch.float32, seed=1, none_frac=0)
+    _, x, a, b, ranks = kc.lora_case(2, L, 8, 32, [32], [8, 8, 8], torch.float32, seed=1, none_frac=0)
     meta = build_segment_meta(slot, L)
     y = torch.zeros(2, 32)
     lora_linear(y, x, a, b, meta, ranks)
@@ -168,13 +160,9 @@ def test_shared_basis_real_sizes(dtype):
     g = torch.Generator().manual_seed(0)
     L, T, R, d_in, d_out = 10, 32, 64, 4096, 1024
     core_ranks = [4, 64, 0, 16, 1, 32, 8, 63, 2, 24]
-    cores = [None if r == 0 else (torch.randn(r, r, generator=g) / r**0.5).to(dtype) for r in core_ranks]
-    flat, offs, ranks = pack_cores(cores)
+    flat, offs, ranks = pack_cores(kc.random_cores(g, core_ranks, dtype))
     assert flat.numel() == sum(r * r for r in core_ranks)
-    slot = torch.randint(-1, L, (T,), generator=g, dtype=torch.int32)
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    a_sh = (torch.randn(R, d_in, generator=g) / d_in**0.5).to(dtype)
-    b_sh = (torch.randn(d_out, R, generator=g) / R**0.5).to(dtype)
+    slot, x, a_sh, b_sh = kc.shared_basis_case(g, L, T, R, d_in, d_out, dtype)
     meta = build_segment_meta(slot, L)
     y0 = torch.randn(T, d_out + 16).to(dtype)
     y = y0.clone()
@@ -188,12 +176,8 @@ def test_shared_basis_inner_pair(dtype):
     g = torch.Generator().manual_seed(1)
     L, T, R, d_in, d_out, rmax = 6, 20, 64, 4096, 4096, 16
     inner_ranks = torch.tensor([1, 16, 0, 8, 3, 12], dtype=torch.int32)
-    slot = torch.randint(-1, L, (T,), generator=g, dtype=torch.int32)
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    a_o = (torch.randn(R, d_in, generator=g) / d_in**0.5).to(dtype)
-    b_o = (torch.randn(d_out, R, generator=g) / R**0.5).to(dtype)
-    a_i = (torch.randn(L, 1, rmax, R, generator=g) / R**0.5).to(dtype)
-    b_i = (torch.randn(L, 1, R, rmax, generator=g) / rmax**0.5).to(dtype)
+    slot, x, a_o, b_o = kc.shared_basis_case(g, L, T, R, d_in, d_out, dtype)
+    a_i, b_i = kc.inner_pair(g, L, R, rmax, dtype)
     meta = build_segment_meta(slot, L)
     y0 = torch.randn(T, d_out).to(dtype)
     y = y0.clone()
@@ -243,7 +227,7 @@ def test_segment_meta_invariants(T, L, block_m, data):
 def test_custom_ops_registered_and_pass_opcheck():
     assert hasattr(torch.ops.nora, "lora_shrink") and hasattr(torch.ops.nora, "lora_linear")
     L = 3
-    slot, x, a, b, ranks = _case(6, L, 8, 32, [16], [2, 8, 0], torch.float32, seed=2)
+    slot, x, a, b, ranks = kc.lora_case(6, L, 8, 32, [16], [2, 8, 0], torch.float32, seed=2)
     meta = build_segment_meta(slot, L)
     from nora_serve.kernels.triton_ops import meta_args
 
@@ -265,7 +249,7 @@ def test_custom_ops_registered_and_pass_opcheck():
 def test_per_slice_ranks(dtype):
     """Merged qkv whose slices have different ranks per adapter (dynamic-rank DoRA)."""
     L = 4
-    slot, x, a, b, _ = _case(20, L, 64, 4096, [4096, 1024, 1024], [0] * L, dtype, seed=13)
+    slot, x, a, b, _ = kc.lora_case(20, L, 64, 4096, [4096, 1024, 1024], [0] * L, dtype, seed=13)
     ranks = torch.tensor([[64, 3, 0, 17], [1, 64, 8, 0], [32, 2, 64, 5]], dtype=torch.int32)
     meta = build_segment_meta(slot, L)
     y0 = torch.randn(20, 6144).to(dtype)
@@ -290,7 +274,7 @@ def test_meta_buffers_update_in_place():
     bufs = SegmentMetaBuffers(32, L, "cpu")
     ptrs = None
     for T, seed in [(32, 0), (9, 1), (32, 2)]:
-        slot, x, a, b, ranks = _case(T, L, 16, 64, [48], [1, 16, 0, 5, 9, 16], torch.float32, seed)
+        slot, x, a, b, ranks = kc.lora_case(T, L, 16, 64, [48], [1, 16, 0, 5, 9, 16], torch.float32, seed)
         meta = bufs.update(slot)
         now = [t.data_ptr() for t in (meta.sorted_tokens, meta.seg_slot, meta.tile_slot)]
         assert ptrs is None or now == ptrs
@@ -308,7 +292,8 @@ def test_meta_buffers_view_past_update_is_idle():
 
     L = 4
     bufs = SegmentMetaBuffers(24, L, "cpu")
-    slot, x, a, b, ranks = _case(24, L, 16, 32, [32], [16, 16, 16, 16], torch.float32, 3, none_frac=0)
+    slot, x, a, b, ranks = kc.lora_case(24, L, 16, 32, [32], [16, 16, 16, 16], torch.float32, 3,
+                                        none_frac=0)
     bufs.update(slot)
     bufs.update(slot[:5])
     meta = bufs.view(24)  # e.g. a graph captured for 24 tokens, replayed with 5 real ones

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_cases as kc  # noqa: E402
+
 CHILD = os.environ.get("NORA_TRITON_CHILD") == "1"
 HAVE_CUDA = torch.cuda.is_available()
 RUN_KERNELS = CHILD or HAVE_CUDA
@@ -93,22 +96,14 @@ RTOL = {torch.float32: 2e-5 if CHILD else 5e-3, torch.float16: 4e-3, torch.bfloa
 
 
 def _close(got, want, dtype):
-    got = got.float().cpu()
-    scale = max(want.abs().max().item(), 1e-6)
-    err = (got - want).abs().max().item()
-    assert err <= RTOL[dtype] * scale, f"max err {err} vs scale {scale}"
+    kc.assert_close(got, want, RTOL[dtype])
 
 
 def _case(T, L, max_rank, d_in, d_outs, ranks, dtype, seed, none_frac=0.25):
-    g = torch.Generator().manual_seed(seed)
-    slot = torch.randint(0, L, (T,), generator=g, dtype=torch.int32)
-    slot[torch.rand(T, generator=g) < none_frac] = -1
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    a = [(torch.randn(L, 1, max_rank, d_in, generator=g) / d_in**0.5).to(dtype) for _ in d_outs]
-    b = [(torch.randn(L, 1, n, max_rank, generator=g) / max_rank**0.5).to(dtype) for n in d_outs]
+    """kc.lora_case on DEV."""
+    slot, x, a, b, rk = kc.lora_case(T, L, max_rank, d_in, d_outs, ranks, dtype, seed, none_frac)
     to = lambda t: t.to(DEV)  # noqa: E731
-    return (to(slot), to(x), [to(w) for w in a], [to(w) for w in b],
-            torch.tensor(ranks, dtype=torch.int32, device=DEV))
+    return to(slot), to(x), [to(w) for w in a], [to(w) for w in b], to(rk)
 
 
 # Slots cover ranks 1..64 (1, 2, 7, 16, 17, 33, 63, 64) plus an empty (rank 0) slot;
@@ -248,12 +243,8 @@ def test_shared_basis(dtype):
     g = torch.Generator().manual_seed(5)
     L, T, R, d_in, d_out = 6, 24, 64, 80, 96
     core_ranks = [4, 64, 0, 17, 1, 33]
-    cores = [None if r == 0 else (torch.randn(r, r, generator=g) / r**0.5).to(dtype) for r in core_ranks]
-    flat, offs, ranks = pack_cores(cores, device=DEV)
-    slot = torch.randint(-1, L, (T,), generator=g, dtype=torch.int32)
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    a_sh = (torch.randn(R, d_in, generator=g) / d_in**0.5).to(dtype)
-    b_sh = (torch.randn(d_out, R, generator=g) / R**0.5).to(dtype)
+    flat, offs, ranks = pack_cores(kc.random_cores(g, core_ranks, dtype), device=DEV)
+    slot, x, a_sh, b_sh = kc.shared_basis_case(g, L, T, R, d_in, d_out, dtype)
     y0 = torch.randn(T, d_out + 4).to(dtype)
     y = y0.clone().to(DEV)
     meta = build_segment_meta(slot.to(DEV), L)
@@ -272,12 +263,8 @@ def test_shared_basis_inner_pair(dtype):
     g = torch.Generator().manual_seed(6)
     L, T, R, d_in, d_out, rmax = 5, 18, 32, 64, 48, 16
     inner_ranks = torch.tensor([1, 16, 0, 8, 3], dtype=torch.int32)
-    slot = torch.randint(-1, L, (T,), generator=g, dtype=torch.int32)
-    x = torch.randn(T, d_in, generator=g).to(dtype)
-    a_o = (torch.randn(R, d_in, generator=g) / d_in**0.5).to(dtype)
-    b_o = (torch.randn(d_out, R, generator=g) / R**0.5).to(dtype)
-    a_i = (torch.randn(L, 1, rmax, R, generator=g) / R**0.5).to(dtype)
-    b_i = (torch.randn(L, 1, R, rmax, generator=g) / rmax**0.5).to(dtype)
+    slot, x, a_o, b_o = kc.shared_basis_case(g, L, T, R, d_in, d_out, dtype)
+    a_i, b_i = kc.inner_pair(g, L, R, rmax, dtype)
     y0 = torch.randn(T, d_out).to(dtype)
     y = y0.clone().to(DEV)
     d = lambda t: t.to(DEV)  # noqa: E731
