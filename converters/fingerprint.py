@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -44,39 +44,31 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def base_fingerprints(model_dir: str | Path, modules: Iterable[str]) -> dict[str, str]:
-    """Fingerprints of ``<module>.weight`` for each module, read lazily from the base's
-    safetensors files (one tensor in memory at a time)."""
+def _base_weights(model_dir: str | Path, modules: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module, weight)`` for each module, read lazily from the base's safetensors files (one
+    tensor in memory at a time); a module with no weight there is a KeyError."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
     wanted = {f"{m}.weight": m for m in modules}
-    out: dict[str, str] = {}
+    found: set[str] = set()
     for f in _weight_files(model_dir):
         with safe_open(f, framework="pt") as fh:
             for key in fh.keys():
                 if key in wanted:
-                    out[wanted[key]] = fingerprint_tensor(fh.get_tensor(key))
-    missing = sorted(set(wanted.values()) - set(out))
+                    found.add(wanted[key])
+                    yield wanted[key], fh.get_tensor(key)
+    missing = sorted(set(wanted.values()) - found)
     if missing:
         raise KeyError(f"{model_dir}: base model has no weight for module(s) {', '.join(missing[:5])}"
                        + (" ..." if len(missing) > 5 else ""))
-    return out
+
+
+def base_fingerprints(model_dir: str | Path, modules: Iterable[str]) -> dict[str, str]:
+    """Fingerprints of ``<module>.weight`` for each module."""
+    return {m: fingerprint_tensor(w) for m, w in _base_weights(model_dir, modules)}
 
 
 def load_base_weights(model_dir: str | Path, modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """``{module: weight}`` for the given modules, from the base's safetensors files."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    wanted = {f"{m}.weight": m for m in modules}
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(model_dir):
-        with safe_open(f, framework="pt") as fh:
-            for key in fh.keys():
-                if key in wanted:
-                    out[wanted[key]] = fh.get_tensor(key)
-    missing = sorted(set(wanted.values()) - set(out))
-    if missing:
-        raise KeyError(f"{model_dir}: base model has no weight for module(s) {', '.join(missing[:5])}")
-    return out
+    return dict(_base_weights(model_dir, modules))
