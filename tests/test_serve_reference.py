@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import sys
 from functools import lru_cache
@@ -223,6 +224,64 @@ def make_native_adapters(base_dir, out_dir, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+# -- shared-basis adapters, trained with the real trainer ------------------------------------------
+# NoRA's outer pair and IntTune's A/B are functions of the base weights, so every adapter trained
+# from one base with the same ranks carries the same basis; only the small inner part differs.
+# name: (method, task of its data, data seed, training seed)
+SHARED_BASIS_ADAPTERS = {
+    "nora_a": ("nora", "reverse", 0, 0),
+    "nora_b": ("nora", "copy", 1, 1),
+    "inttune_a": ("inttune", "reverse", 2, 0),
+    "inttune_b": ("inttune", "copy", 3, 1),
+}
+SHARED_BASIS_PAIRS = {  # method: (pair, shared tensors, the adapter's own tensors)
+    "nora": (("nora_a", "nora_b"), ("outer_A", "outer_B"), ("inner_A", "inner_B")),
+    "inttune": (("inttune_a", "inttune_b"), ("lora_A", "lora_B"), ("lora_N",)),
+}
+SHARED_RANK, SHARED_INNER_RANK = 8, 4
+# Full-batch steps at learning rates that move NoRA's and IntTune's small cores (which sit
+# between fixed factors) well past the comparison tolerance in a few seconds on the CPU.
+SHARED_LR = {"nora": 1e-1, "inttune": 1.0}
+SHARED_STEPS = 8
+
+
+def _write_task(path: Path, task: str, seed: int, n: int = 16) -> Path:
+    """Prompt: three words and ``:``; completion: the words reversed, or copied."""
+    from nora_serve.tiny import tiny_vocab
+
+    rng = random.Random(seed)
+    words = [w for w in tiny_vocab(128) if not w.startswith("<")][:40]
+    with open(path, "w") as f:
+        for _ in range(n):
+            s = rng.sample(words, 3)
+            done = list(reversed(s)) if task == "reverse" else s
+            f.write(json.dumps({"prompt": " ".join(s) + " :", "completion": " " + " ".join(done)}) + "\n")
+    return path
+
+
+def train_shared_basis_adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two NoRA and two IntTune adapters trained by ``nora_serve.train`` from one base on different
+    data and seeds (same ranks). Trained once per session: later callers reuse the directories
+    (the trainer writes each all or nothing)."""
+    from nora_serve.train import TrainConfig, train
+
+    root = tmp_path_factory.getbasetemp() / "shared_basis_adapters"
+    root.mkdir(exist_ok=True)
+    paths = {}
+    for name, (method, task, data_seed, seed) in SHARED_BASIS_ADAPTERS.items():
+        out = root / name
+        if not (out / "adapter_model.safetensors").is_file():
+            data = _write_task(root / f"{name}.jsonl", task, data_seed)
+            train(TrainConfig(
+                model=str(base_dir), data=str(data), method=method, out=str(out), rank=SHARED_RANK,
+                inner_rank=SHARED_INNER_RANK if method == "nora" else None, alpha=16.0,
+                lr=SHARED_LR[method], max_steps=SHARED_STEPS, batch_size=16, schedule="constant",
+                seed=seed, progress=False,
+            ))
+        paths[name] = out
+    return paths
+
+
 # -- checks of the reference itself ---------------------------------------------------------------
 @pytest.mark.parametrize("name", FIXTURE_ADAPTERS)
 def test_reference_matches_fixture_logits(fixtures_dir, base_dir, name):
@@ -252,6 +311,40 @@ def test_native_adapters_change_outputs(base_dir, tmp_path):
     for method, p in paths.items():
         got = Reference(base_dir, reference_deltas(p, base_dir)).logits(ids)
         assert (got - base).abs().max() > 0.05, method
+
+
+def test_shared_basis_adapters_share_only_the_basis(base_dir, fixtures_dir, tmp_path_factory):
+    """The trained pairs have one basis (same fingerprint, bit-identical shared tensors) and
+    their own inner parts; each moves the output, and the two of a pair differently."""
+    from safetensors.torch import load_file
+
+    paths = train_shared_basis_adapters(base_dir, tmp_path_factory)
+    for method, ((a, b), shared, own) in SHARED_BASIS_PAIRS.items():
+        ca, cb = (json.loads((paths[n] / "adapter_config.json").read_text()) for n in (a, b))
+        ta, tb = (load_file(str(paths[n] / "adapter_model.safetensors")) for n in (a, b))
+        assert ca["method"] == cb["method"] == method
+        assert ca["r"] == cb["r"] == SHARED_RANK and ca.get("inner_r") == cb.get("inner_r")
+        assert ca["shared_basis"]["fingerprint"] == cb["shared_basis"]["fingerprint"], method
+        assert set(ta) == set(tb)
+        modules = sorted({k.rpartition(".")[0] for k in ta})
+        assert modules == base_modules(base_dir)  # all seven projections in every layer
+        for m in modules:
+            for t in shared:
+                assert torch.equal(ta[f"{m}.{t}"], tb[f"{m}.{t}"]), (method, m, t)
+            for t in own:
+                assert not torch.equal(ta[f"{m}.{t}"], tb[f"{m}.{t}"]), (method, m, t)
+    fps = {n: json.loads((p / "adapter_config.json").read_text())["shared_basis"]["fingerprint"]
+           for n, p in paths.items()}
+    assert fps["nora_a"] != fps["inttune_a"]
+
+    probe = load_file(str(fixtures_dir / "probe.safetensors"))["input_ids"].tolist()
+    base = torch.cat([Reference(base_dir).logits(ids) for ids in probe])
+    got = {n: torch.cat([m.logits(ids) for ids in probe])
+           for n, m in ((n, Reference(base_dir, reference_deltas(p, base_dir))) for n, p in paths.items())}
+    for n, logits in got.items():
+        assert (logits - base).abs().max() > 0.05, n
+    for (a, b), _, _ in SHARED_BASIS_PAIRS.values():
+        assert (got[a] - got[b]).abs().max() > 0.05, (a, b)
 
 
 # -- talking to a server ---------------------------------------------------------------------------

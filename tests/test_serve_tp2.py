@@ -1,5 +1,6 @@
-"""The concurrent mixed batch (base + adapters of several formats and ranks, prompt logprobs on)
-with ``--tensor-parallel-size 2``: every worker converts and applies its shard correctly."""
+"""The concurrent mixed batch (base + adapters of several formats and ranks, shared-basis NoRA and
+IntTune adapters trained from one base on different data, prompt logprobs on) with
+``--tensor-parallel-size 2``: every worker converts and applies its shard correctly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import assert_matches, complete, make_native_adapters, reference_run  # noqa: E402
+from test_serve_reference import (  # noqa: E402
+    assert_matches,
+    complete,
+    make_native_adapters,
+    reference_run,
+    train_shared_basis_adapters,
+)
 from vllm_server import VLLMServer  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.tp2]
@@ -23,30 +30,39 @@ PROMPTS = [[1, 127, 91, 85, 88, 39, 78, 92, 20], [1, 23, 112, 123, 18, 47, 40]]
 @pytest.fixture(scope="module")
 def adapters(fixtures_dir, base_dir, tmp_path_factory):
     native = make_native_adapters(base_dir, tmp_path_factory.mktemp("native"), seed=3)
-    return {"slora": fixtures_dir / "slora", "dora": fixtures_dir / "dora_dyrank",
-            "vera": fixtures_dir / "peft_vera", "rank_pattern": fixtures_dir / "peft_lora_rank_pattern",
+    shared = train_shared_basis_adapters(base_dir, tmp_path_factory)
+    return {"slora": fixtures_dir / "slora", "nora_a": shared["nora_a"], "dora": fixtures_dir / "dora_dyrank",
+            "inttune_a": shared["inttune_a"], "vera": fixtures_dir / "peft_vera", "nora_b": shared["nora_b"],
+            "rank_pattern": fixtures_dir / "peft_lora_rank_pattern", "inttune_b": shared["inttune_b"],
             "nora": native["nora"], "lora16": native["lora"]}
 
 
 @pytest.fixture(scope="module")
 def server(base_dir, adapters, tmp_path_factory):
     cache = tmp_path_factory.mktemp("nora-cache")
-    # Two adapters up front, the rest loaded over HTTP into the running TP2 engine.
-    static = [f"{n}={adapters[n]}" for n in ("slora", "nora")]
+    # Some adapters up front, the rest loaded over HTTP into the running TP2 engine.
+    static = [f"{n}={adapters[n]}" for n in ("slora", "nora", "nora_a", "inttune_a")]
     with VLLMServer(base_dir, ["--enable-nora", "--nora-cache-dir", str(cache), "--tensor-parallel-size", "2",
-                               "--lora-modules", *static],
+                               # Room for the whole mixed batch (24 requests, 10 adapters) in one step.
+                               "--max-num-seqs", "32", "--max-loras", "10", "--lora-modules", *static],
                     entry="nora_serve.cli.serve",
                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
         yield srv
 
 
 def test_mixed_batch_tp2(server, base_dir, adapters):
-    for name in ("dora", "vera", "rank_pattern", "lora16"):
+    for name in ("dora", "vera", "rank_pattern", "lora16", "nora_b", "inttune_b"):
         r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters[name])})
         assert r.status_code == 200, r.text
     names = [None, *adapters, None]
     jobs = [(n, p) for n in names for p in PROMPTS]
     wants = [reference_run(str(base_dir), str(adapters[n]) if n else None, tuple(p), MAX_TOKENS) for n, p in jobs]
+    # Adapters that share a basis answer differently, so a server that mixed them up would fail.
+    def tokens(name):
+        return [w["tokens"] for (n, _), w in zip(jobs, wants) if n == name]
+
+    for a, b in (("nora_a", "nora_b"), ("inttune_a", "inttune_b")):
+        assert tokens(a) != tokens(b), (a, b)
     for with_prompt in (False, True):
         with ThreadPoolExecutor(len(jobs)) as ex:
             gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], MAX_TOKENS,
