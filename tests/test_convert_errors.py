@@ -33,6 +33,14 @@ def edit_tensors(path: Path, fn) -> None:
     save_file(t, str(path))
 
 
+def edit_config(src: Path, fn) -> None:
+    """Apply ``fn`` to the parsed ``adapter_config.json`` of ``src`` and write it back."""
+    path = src / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
 def run_cli(capsys, *argv) -> tuple[int, list[str]]:
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -67,17 +75,13 @@ def test_malformed_config(fixtures_dir, tmp_path, capsys):
 
 def test_config_missing_r(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "peft_lora_rank_pattern", tmp_path)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    del cfg["r"]
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    edit_config(src, lambda cfg: cfg.pop("r"))
     assert_fails(capsys, tmp_path, src, contains=["adapter_config.json", "'r'"])
 
 
 def test_unknown_peft_type(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "slora", tmp_path)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["peft_type"] = "IA3"
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    edit_config(src, lambda cfg: cfg.update({"peft_type": "IA3"}))
     assert_fails(capsys, tmp_path, src, contains=["adapter_config.json", "IA3"])
 
 
@@ -217,17 +221,13 @@ def test_fingerprint_mismatch(fixtures_dir, base_dir, tmp_path, capsys):
 
 def test_use_dora_refused(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "peft_lora_rank_pattern", tmp_path)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    edit_config(src, lambda cfg: cfg.update({"use_dora": True}))
     assert_fails(capsys, tmp_path, src, contains=["adapter_config.json", "use_dora"])
 
 
 def test_unconverted_pissa_refused(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "peft_pissa", tmp_path)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["init_lora_weights"] = "pissa_niter_4"
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    edit_config(src, lambda cfg: cfg.update({"init_lora_weights": "pissa_niter_4"}))
     assert_fails(capsys, tmp_path, src, contains=["residualised base"])
 
 
@@ -237,9 +237,7 @@ def test_vera_needs_base(fixtures_dir, tmp_path, capsys):
 
 def test_rank_pattern_disagrees_with_tensors(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "peft_lora_rank_pattern", tmp_path)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg["rank_pattern"] = {}
-    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    edit_config(src, lambda cfg: cfg.update({"rank_pattern": {}}))
     assert_fails(capsys, tmp_path, src, contains=["rank 4 on disk", "r=8", "mlp.down_proj"])
 
 

@@ -6,7 +6,6 @@ transformers + merged-delta reference token for token, logprobs within 1e-3."""
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from test_serve_reference import (  # noqa: E402
     NATIVE_METHODS,
     SHARED_BASIS_ADAPTERS,
     assert_matches,
+    assert_mixed_batch,
     complete,
     make_native_adapters,
     reference_run,
@@ -121,20 +121,4 @@ def test_mixed_concurrent_batch(server, base_dir, adapters, prompts):
     names = [None, "nora_a", "slora", "inttune_a", "dora_dyrank", "nora_b", "peft_adalora",
              "peft_lora_rank_pattern", "inttune_b", "peft_vera", "native_nora", "native_dyrank",
              "native_lora", None]
-    jobs = [(n, p) for n in names for p in prompts]
-    wants = [_want(base_dir, adapters[n] if n else None, p) for n, p in jobs]
-    # Adapters that share a basis answer differently, so a server that mixed them up would fail.
-    def tokens(name):
-        return [w["tokens"] for (n, _), w in zip(jobs, wants) if n == name]
-
-    for a, b in (("nora_a", "nora_b"), ("inttune_a", "inttune_b")):
-        assert tokens(a) != tokens(b), (a, b)
-    # Without prompt_logprobs first (stock: base rows get the last slot's adapter), then with
-    # them (stock: the engine dies).
-    for with_prompt in (False, True):
-        with ThreadPoolExecutor(len(jobs)) as ex:
-            gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], MAX_TOKENS,
-                                                  prompt_logprobs=with_prompt), jobs))
-        for (n, _p), got, want in zip(jobs, gots, wants):
-            assert_matches(got, want, n or "base")
-    assert server.get("/health").status_code == 200
+    assert_mixed_batch(server, base_dir, adapters, names, prompts, MAX_TOKENS)

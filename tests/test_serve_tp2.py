@@ -5,7 +5,6 @@ IntTune adapters trained from one base on different data, prompt logprobs on) wi
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_serve_reference import (  # noqa: E402
-    assert_matches,
-    complete,
+    assert_mixed_batch,
     make_native_adapters,
-    reference_run,
     train_shared_basis_adapters,
 )
 from vllm_server import VLLMServer  # noqa: E402
@@ -55,18 +52,4 @@ def test_mixed_batch_tp2(server, base_dir, adapters):
         r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters[name])})
         assert r.status_code == 200, r.text
     names = [None, *adapters, None]
-    jobs = [(n, p) for n in names for p in PROMPTS]
-    wants = [reference_run(str(base_dir), str(adapters[n]) if n else None, tuple(p), MAX_TOKENS) for n, p in jobs]
-    # Adapters that share a basis answer differently, so a server that mixed them up would fail.
-    def tokens(name):
-        return [w["tokens"] for (n, _), w in zip(jobs, wants) if n == name]
-
-    for a, b in (("nora_a", "nora_b"), ("inttune_a", "inttune_b")):
-        assert tokens(a) != tokens(b), (a, b)
-    for with_prompt in (False, True):
-        with ThreadPoolExecutor(len(jobs)) as ex:
-            gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], MAX_TOKENS,
-                                                  prompt_logprobs=with_prompt), jobs))
-        for (n, _), got, want in zip(jobs, gots, wants):
-            assert_matches(got, want, n or "base")
-    assert server.get("/health").status_code == 200
+    assert_mixed_batch(server, base_dir, adapters, names, PROMPTS, MAX_TOKENS)
