@@ -43,7 +43,9 @@ from nora_serve.methods import (
     Factors,
     dyrank_factors,
     lora_factors,
+    nora_core,
     nora_factors,
+    three_matrix_core,
     three_matrix_factors,
 )
 
@@ -89,6 +91,16 @@ def module_factors(method: str, scale: float, t: dict[str, torch.Tensor]) -> Fac
     if method == "dyrank":
         return dyrank_factors(t["lora_A"], t["lora_c"], t["lora_B"], scale)
     raise ValueError(f"unknown native method {method!r} (known: {', '.join(METHODS)})")
+
+
+def module_core(method: str, scale: float, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The adapter's own ``r x r`` core ``C`` of a shared-basis method (``ΔW = B_sh C A_sh``,
+    with ``A_sh, B_sh`` = the tensors named in :data:`SHARED_TENSORS`)."""
+    if method == "nora":
+        return nora_core(t["inner_A"], t["inner_B"], scale)
+    if method == "inttune":
+        return three_matrix_core(t["lora_N"], scale)
+    raise ValueError(f"method {method!r} has no shared basis (shared-basis methods: {', '.join(SHARED_TENSORS)})")
 
 
 @dataclass

@@ -6,8 +6,8 @@ nothing else knows a method's math. Pure torch.
 
 from .base import Factors
 from .lora import lora_factors, lora_scale
-from .nora import nora_factors, svd_outer
-from .three_matrix import nystrom_init, three_matrix_factors
+from .nora import nora_core, nora_factors, svd_outer
+from .three_matrix import nystrom_init, three_matrix_core, three_matrix_factors
 from .dyrank import dyrank_budget, dyrank_factors, dyrank_importance, dyrank_variance_reg
 from .peft_variants import adalora_factors, vera_factors
 
@@ -16,8 +16,10 @@ __all__ = [
     "lora_factors",
     "lora_scale",
     "nora_factors",
+    "nora_core",
     "svd_outer",
     "three_matrix_factors",
+    "three_matrix_core",
     "nystrom_init",
     "dyrank_factors",
     "dyrank_importance",

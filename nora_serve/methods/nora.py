@@ -49,3 +49,8 @@ def svd_outer(
     if act_scale is not None:
         A_o = A_o / s[None, :]
     return A_o.to(W0.dtype).contiguous(), B_o.to(W0.dtype).contiguous()
+
+
+def nora_core(inner_A: torch.Tensor, inner_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The ``r x r`` core between the frozen outer pair: ``ΔW = B_o (s B_i A_i) A_o``."""
+    return scale * (inner_B @ inner_A)

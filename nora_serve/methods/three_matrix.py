@@ -19,3 +19,8 @@ def nystrom_init(W0: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, 
     ``N = W0[:r, :r]``. Returns ``(A, N, B)`` as fresh contiguous copies."""
     W = W0.detach()
     return W[:r, :].clone(), W[:r, :r].clone(), W[:, :r].clone()
+
+
+def three_matrix_core(N: torch.Tensor, scale: float) -> torch.Tensor:
+    """The ``r x r`` core between the outer pair: ``ΔW = B (s N) A``."""
+    return scale * N

@@ -21,6 +21,8 @@ from pathlib import Path
 
 MARKER = "nora-cache.json"
 ADAPTER_SUBDIR = "adapter"
+CORES_NAME = "cores.safetensors"  # shared-basis adapters: their own R x R cores, beside adapter/
+BASES_SUBDIR = "bases"  # one file per distinct shared basis, named by its content key
 _HEAD = 1 << 20  # bytes of each base weight file that go into the base identity
 
 
@@ -153,6 +155,9 @@ def prepare_adapter(
         )
         meta = {"source": str(src_path), "format": fmt, "key": key, "max_rank": max_rank,
                 "base": str(base) if base else None, "report": _jsonable(report)}
+        shared = _write_shared_basis(src_path, tmp, cache_dir)
+        if shared:
+            meta["shared_basis"] = shared
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
@@ -165,6 +170,60 @@ def prepare_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, True)
+
+
+def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:
+    """For a native NoRA / IntTune adapter: its cores into the entry and its basis into the
+    shared ``bases/`` directory (once per distinct basis). The folded ``adapter/`` stays too, for
+    servers that keep these adapters as plain LoRA."""
+    from nora_serve.converters.shared_basis import shared_basis_method, split_shared_basis
+
+    if shared_basis_method(src) is None:
+        return None
+    from safetensors.torch import save_file
+
+    split = split_shared_basis(src)
+    save_file(split.cores, str(entry / CORES_NAME))
+    bases = cache_dir / BASES_SUBDIR
+    bases.mkdir(parents=True, exist_ok=True)
+    final = bases / f"{split.key}.safetensors"
+    if not final.is_file():
+        fd, tmp = tempfile.mkstemp(prefix=f".{split.key}.tmp-", dir=bases)
+        os.close(fd)
+        try:
+            save_file(split.basis, tmp)
+            os.replace(tmp, final)  # identical content whoever wins
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return {"key": split.key, "rank": split.rank, "method": split.method,
+            "modules": len(split.cores)}
+
+
+@dataclass(frozen=True)
+class SharedBasisEntry:
+    key: str
+    rank: int
+    method: str
+    cores: Path
+    basis: Path
+
+
+def shared_basis_entry(path: str | Path) -> SharedBasisEntry | None:
+    """The shared-basis parts of a cache entry (``.../<key>/adapter``), or ``None`` when the
+    entry is a plain LoRA only."""
+    p = Path(path)
+    if not is_cache_entry(p):
+        return None
+    try:
+        info = json.loads((p.parent / MARKER).read_text()).get("shared_basis")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    entry = SharedBasisEntry(str(info["key"]), int(info["rank"]), str(info["method"]),
+                             p.parent / CORES_NAME, p.parent.parent / BASES_SUBDIR / f"{info['key']}.safetensors")
+    return entry if entry.cores.is_file() and entry.basis.is_file() else None
 
 
 def _jsonable(obj):
