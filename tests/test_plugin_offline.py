@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters, reference_run  # noqa: E402
+from test_serve_reference import make_native_adapters, reference_run, train_shared_basis_adapters  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -24,8 +24,10 @@ if __name__ == "__main__":
     from vllm.lora.request import LoRARequest
     from nora_serve.vllm_plugin import llm_kwargs
     base, cache, prompt, adapters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    nora = extra.pop("nora", {})
     llm = LLM(model=base, dtype="float32", max_model_len=128, gpu_memory_utilization=0.05,
-              **llm_kwargs(cache_dir=cache))
+              **extra, **llm_kwargs(cache_dir=cache, **nora))
     sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
     reqs = [LoRARequest(name, i + 1, path) if path else None for i, (name, path) in enumerate(adapters)]
     outs = llm.generate([{"prompt_token_ids": prompt}] * len(reqs), sp, lora_request=reqs)
@@ -38,18 +40,15 @@ if __name__ == "__main__":
 '''
 
 
-def test_offline_llm_converts_on_load(base_dir, fixtures_dir, tmp_path):
-    native = make_native_adapters(base_dir, tmp_path / "native", seed=4)
-    adapters = [("base", None), ("three", str(fixtures_dir / "nlora")), ("adalora", str(fixtures_dir / "peft_adalora")),
-                ("nora", str(native["nora"])), ("dyrank", str(native["dyrank"]))]
-    prompt = [1, 40, 41, 42, 13, 9, 5]
+def _run_offline(base_dir, tmp_path, adapters, prompt, extra=None) -> str:
+    """Run SCRIPT, check every request against the reference; returns the run's log."""
     cache = tmp_path / "cache"
     script = tmp_path / "offline.py"
     script.write_text(SCRIPT)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    p = subprocess.run([sys.executable, str(script), str(base_dir), str(cache), json.dumps(prompt), json.dumps(adapters)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run([sys.executable, str(script), str(base_dir), str(cache), json.dumps(prompt), json.dumps(adapters),
+                        json.dumps(extra or {})], capture_output=True, text=True, timeout=600, env=env)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, p.stdout[-3000:] + p.stderr[-5000:]
     got = json.loads(line[len("RESULT "):])
@@ -57,7 +56,40 @@ def test_offline_llm_converts_on_load(base_dir, fixtures_dir, tmp_path):
         want = reference_run(str(base_dir), path, tuple(prompt), 6)
         assert g["tokens"] == want["tokens"], name
         assert all(abs(a - b) <= 1e-3 for a, b in zip(g["logprobs"], want["logprobs"])), name
-    # The worker converted into the cache: one entry per adapter, nothing half-written.
-    entries = [d for d in cache.iterdir() if not d.name.startswith(".")]
+    return p.stdout + p.stderr
+
+
+def test_offline_llm_converts_on_load(base_dir, fixtures_dir, tmp_path):
+    native = make_native_adapters(base_dir, tmp_path / "native", seed=4)
+    adapters = [("base", None), ("three", str(fixtures_dir / "nlora")), ("adalora", str(fixtures_dir / "peft_adalora")),
+                ("nora", str(native["nora"])), ("dyrank", str(native["dyrank"]))]
+    prompt = [1, 40, 41, 42, 13, 9, 5]
+    cache = tmp_path / "cache"
+    _run_offline(base_dir, tmp_path, adapters, prompt)
+    # The worker converted into the cache: one entry per adapter (and the NoRA adapter's basis,
+    # once), nothing half-written.
+    entries = [d for d in cache.iterdir() if not d.name.startswith(".") and d.name != "bases"]
     assert len(entries) == 4 and all((d / "nora-cache.json").is_file() for d in entries)
-    assert not [d for d in cache.iterdir() if d.name.startswith(".")]
+    assert len(list((cache / "bases").iterdir())) == 1
+    assert not [d for d in cache.rglob(".*")]
+
+
+def test_offline_thousand_slots_shared_basis(base_dir, fixtures_dir, tmp_path, tmp_path_factory):
+    """--max-loras 1024 with 2 dense slots and 2 resident bases: shared-basis adapters cost their
+    cores only, the scheduler defers what does not fit in a step, and every request (base,
+    3 dense adapters, 5 shared-basis adapters of 3 bases, all submitted at once) is exact."""
+    import re
+
+    shared = train_shared_basis_adapters(base_dir, tmp_path_factory)
+    native = make_native_adapters(base_dir, tmp_path / "native", seed=6)
+    adapters = [("base", None), ("nora_a", str(shared["nora_a"])), ("lora", str(native["lora"])),
+                ("inttune_a", str(shared["inttune_a"])), ("nora_b", str(shared["nora_b"])),
+                ("slora", str(fixtures_dir / "slora")), ("native_nora", str(native["nora"])),
+                ("inttune_b", str(shared["inttune_b"])), ("dyrank", str(native["dyrank"])), ("base", None)]
+    log = _run_offline(base_dir, tmp_path, adapters, [1, 40, 41, 42, 13, 9, 5],
+                       {"max_loras": 1024, "max_lora_rank": 64, "nora": {"dense_loras": 2, "max_bases": 2}})
+    assert len(set(re.findall(r"nora: adapter (\S+): \w+ with shared basis \w+, cores only", log))) == 5
+    m = re.search(r"nora: adapter storage \(MiB\): dense ([\d.]+), bases ([\d.]+), cores ([\d.]+)", log)
+    dense, bases, cores = map(float, m.groups())
+    stock = dense / 2 * 1024  # vLLM's padded storage: a dense slot for each of the 1024
+    assert dense + bases + cores < stock / 8, (dense, bases, cores, stock)

@@ -1,7 +1,8 @@
 """End to end through a real vLLM server started with ``nora-serve --enable-nora``: every fixture
 format and every native method, plus shared-basis NoRA and IntTune adapters trained from this
 base on different data, alone and in one concurrent mixed batch with the base model, equals the
-transformers + merged-delta reference token for token, logprobs within 1e-3."""
+transformers + merged-delta reference token for token, logprobs within 1e-3. The NoRA and IntTune
+adapters run from shared-basis storage, the others from fewer dense slots than --max-loras."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from test_serve_reference import (  # noqa: E402
     SHARED_BASIS_ADAPTERS,
     assert_matches,
     assert_mixed_batch,
+    assert_stored_as_cores,
     complete,
     make_native_adapters,
     reference_run,
@@ -45,8 +47,11 @@ def server(base_dir, adapters, tmp_path_factory):
     cache = tmp_path_factory.mktemp("nora-cache")
     mods = [f"{name}={path}" for name, path in adapters.items()]
     with VLLMServer(base_dir, ["--enable-nora", "--nora-cache-dir", str(cache),
-                               # Room for the whole mixed batch (28 requests, 12 adapters) in one step.
-                               "--max-num-seqs", "32", "--max-loras", "12", "--lora-modules", *mods],
+                               # Room for the whole mixed batch (28 requests, 12 adapters) in one step:
+                               # every slot taken, 7 of them by adapters without a shared basis (8
+                               # dense slots), 5 by shared-basis adapters of 3 bases (cores only).
+                               "--max-num-seqs", "32", "--max-loras", "12", "--nora-dense-loras", "8",
+                               "--nora-max-bases", "3", "--lora-modules", *mods],
                     entry="nora_serve.cli.serve") as srv:
         yield srv
 
@@ -122,3 +127,12 @@ def test_mixed_concurrent_batch(server, base_dir, adapters, prompts):
              "peft_lora_rank_pattern", "inttune_b", "peft_vera", "native_nora", "native_dyrank",
              "native_lora", None]
     assert_mixed_batch(server, base_dir, adapters, names, prompts, MAX_TOKENS)
+
+
+def test_shared_basis_adapters_are_stored_as_cores(server, adapters):
+    """The native NoRA / IntTune adapters above ran from shared-basis storage (one basis per
+    base and rank, cores per slot), the others from the dense slots."""
+    assert_stored_as_cores(server, ["nora_a", "nora_b", "inttune_a", "inttune_b", "native_nora", "native_inttune"],
+                           same_basis=[("nora_a", "nora_b"), ("inttune_a", "inttune_b", "native_inttune")],
+                           dense=[n for n in adapters if n not in SHARED_BASIS_ADAPTERS
+                                  and n not in ("native_nora", "native_inttune")])

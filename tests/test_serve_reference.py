@@ -400,3 +400,16 @@ def assert_mixed_batch(server, base_dir, adapters: dict, names: list, prompts: l
         for (n, _), got, want in zip(jobs, gots, wants):
             assert_matches(got, want, n or "base")
     assert server.get("/health").status_code == 200
+
+
+def assert_stored_as_cores(server, cores: list, same_basis: list, dense: list) -> None:
+    """From the server log: each adapter in ``cores`` was loaded as cores only on a shared basis
+    (the groups in ``same_basis`` on one basis), and none of ``dense`` was."""
+    log = Path(server.log.name).read_text(errors="replace")
+    keys = {m.group(1): m.group(2) for m in re.finditer(
+        r"nora: adapter (\S+): (?:nora|inttune) with shared basis (\w+), cores only", log)}
+    assert set(cores) <= set(keys), (sorted(keys), cores)
+    assert not set(dense) & set(keys), sorted(set(dense) & set(keys))
+    for group in same_basis:
+        assert len({keys[n] for n in group}) == 1, group
+    assert "nora: adapter storage (MiB): dense" in log

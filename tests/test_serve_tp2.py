@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_serve_reference import (  # noqa: E402
     assert_mixed_batch,
+    assert_stored_as_cores,
     make_native_adapters,
     train_shared_basis_adapters,
 )
@@ -40,8 +41,11 @@ def server(base_dir, adapters, tmp_path_factory):
     # Some adapters up front, the rest loaded over HTTP into the running TP2 engine.
     static = [f"{n}={adapters[n]}" for n in ("slora", "nora", "nora_a", "inttune_a")]
     with VLLMServer(base_dir, ["--enable-nora", "--nora-cache-dir", str(cache), "--tensor-parallel-size", "2",
-                               # Room for the whole mixed batch (24 requests, 10 adapters) in one step.
-                               "--max-num-seqs", "32", "--max-loras", "10", "--lora-modules", *static],
+                               # Room for all 24 requests in one step, but only 4 dense slots for the
+                               # 5 adapters without a shared basis and 2 resident bases for 3: the
+                               # scheduler defers what does not fit.
+                               "--max-num-seqs", "32", "--max-loras", "10", "--nora-dense-loras", "4",
+                               "--nora-max-bases", "2", "--lora-modules", *static],
                     entry="nora_serve.cli.serve",
                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
         yield srv
@@ -53,3 +57,9 @@ def test_mixed_batch_tp2(server, base_dir, adapters):
         assert r.status_code == 200, r.text
     names = [None, *adapters, None]
     assert_mixed_batch(server, base_dir, adapters, names, PROMPTS, MAX_TOKENS)
+
+
+def test_shared_basis_storage_tp2(server, adapters):
+    assert_stored_as_cores(server, ["nora", "nora_a", "nora_b", "inttune_a", "inttune_b"],
+                           same_basis=[("nora_a", "nora_b"), ("inttune_a", "inttune_b")],
+                           dense=["slora", "dora", "vera", "rank_pattern", "lora16"])

@@ -27,9 +27,14 @@ def register() -> None:
 
 
 def llm_kwargs(*, adapter_dir: str | None = None, cache_dir: str | None = None,
-               check_base: bool = True) -> dict:
-    """Keyword arguments that enable nora for an offline ``vllm.LLM(...)``."""
+               check_base: bool = True, dense_loras: int | None = None,
+               max_bases: int | None = None, core_rank: int | None = None) -> dict:
+    """Keyword arguments that enable nora for an offline ``vllm.LLM(...)`` (the sizes as the
+    ``--nora-dense-loras`` / ``--nora-max-bases`` / ``--nora-core-rank`` flags)."""
     nora = {"enabled": True, "check_base": check_base}
+    for key, value in (("dense_loras", dense_loras), ("max_bases", max_bases), ("core_rank", core_rank)):
+        if value is not None:
+            nora[key] = value
     if adapter_dir:
         nora["adapter_dir"] = adapter_dir
     if cache_dir:

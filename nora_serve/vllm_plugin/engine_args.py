@@ -6,6 +6,8 @@ import os
 import sys
 
 from .settings import (
+    DEFAULT_CORE_RANK,
+    DEFAULT_MAX_BASES,
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORA_RANK,
     DEFAULT_MAX_LORAS,
@@ -19,7 +21,8 @@ def add_nora_cli_args(parser) -> None:
         return
     group = parser.add_argument_group(
         "nora", "Serve NoRA / SLoRA / NLoRA / IntTune / dynamic-rank DoRA and PEFT adapters "
-        "(converted to LoRA on load)."
+        "(converted to LoRA on load; native NoRA / IntTune adapters keep one shared basis and "
+        "only their cores)."
     )
     group.add_argument(
         "--enable-nora", action="store_true", default=False,
@@ -40,6 +43,25 @@ def add_nora_cli_args(parser) -> None:
         "--nora-skip-base-check", action="store_true", default=False,
         help="Do not refuse adapters whose base-model fingerprints differ from the served model.",
     )
+    group.add_argument(
+        "--nora-dense-loras", type=int, default=None, metavar="K",
+        help="Slots with full (padded) LoRA storage, for adapters without a shared basis "
+        "(default: all of --max-loras). Native NoRA / IntTune adapters need no such slot: they "
+        "keep one copy of their shared basis and only an R x R core per module, so --max-loras "
+        "can be in the thousands with a small K. The scheduler puts at most K adapters without "
+        "a shared basis in one step.",
+    )
+    group.add_argument(
+        "--nora-max-bases", type=int, default=None, metavar="G",
+        help=f"Distinct shared bases resident at once (default {DEFAULT_MAX_BASES}); each costs "
+        "about one rank-R LoRA. The scheduler puts at most G bases in one step.",
+    )
+    group.add_argument(
+        "--nora-core-rank", type=int, default=None, metavar="R",
+        help=f"Largest shared-basis rank stored as cores (default {DEFAULT_CORE_RANK}); cores "
+        "cost R*R per module per slot. Larger ones, and every adapter with 0, are served as "
+        "plain LoRA.",
+    )
 
 
 def apply_nora_cli_args(engine_args, args) -> None:
@@ -58,6 +80,14 @@ def apply_nora_cli_args(engine_args, args) -> None:
             merged["cache_dir"] = os.path.abspath(args.nora_cache_dir)
         if getattr(args, "nora_skip_base_check", False):
             merged["check_base"] = False
+        for flag, key in (("nora_dense_loras", "dense_loras"), ("nora_max_bases", "max_bases"),
+                          ("nora_core_rank", "core_rank")):
+            value = getattr(args, flag, None)
+            if value is not None:
+                if value < 0 or (value == 0 and key == "dense_loras"):
+                    raise ValueError(f"--{flag.replace('_', '-')} must be "
+                                     f"{'>= 1' if key == 'dense_loras' else '>= 0'}, got {value}")
+                merged[key] = int(value)
         extra[KEY] = merged
         engine_args.additional_config = extra
     settings = NoraSettings.from_additional_config(engine_args.additional_config)

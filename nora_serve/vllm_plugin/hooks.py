@@ -12,6 +12,15 @@ Wrapped or replaced:
 | vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU                     | subclass | worker     |
 | vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU                     | subclass | worker     |
 | vllm.lora.worker_manager.WorkerLoRAManager._load_adapter                 | wrapped  | worker     |
+| vllm.lora.worker_manager.WorkerLoRAManager.add_dummy_lora                | wrapped  | worker     |
+| vllm.lora.worker_manager.LRUCacheWorkerLoRAManager._apply_adapters       | wrapped  | worker     |
+| vllm.lora.model_manager.LoRAModelManager._create_lora_modules            | wrapped  | worker     |
+| vllm.lora.model_manager.LoRAModelManager.activate_adapter                | wrapped  | worker     |
+| vllm.lora.utils._all_lora_classes (our layer classes put first)          | replaced | worker     |
+| vllm.lora.layers: ColumnParallel / MergedColumnParallel / QKVParallel /  | subclass | worker     |
+|   MergedQKVParallel / RowParallel LinearWithLoRA                         |          |            |
+| vllm.v1.core.sched.scheduler.Scheduler.__init__, .schedule,              | wrapped  | engine core|
+|   ._handle_blocked_waiting_request                                       |          |            |
 | vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict | wrapped  | worker     |
 | vllm.entrypoints.openai.models.serving.OpenAIServingModels.__init__,     | wrapped  | API server |
 |   .load_lora_adapter, .resolve_lora, .show_available_models              |          |            |
@@ -19,6 +28,12 @@ Wrapped or replaced:
 
 Relied on (signatures and behaviour): PunicaWrapperBase's token_lora_indices / sampler_indices /
 update_metadata, and the stacked weight layout [max_loras, 1, rank, d_in] / [.., d_out, rank];
+the LoRA layers' create_lora_weights / set_lora / reset_lora / slice_lora_a / slice_lora_b /
+_apply_lora_to_output / _init_lora_stream_context / output_slices / n_slices / tp_size;
+LoRAModelManager's modules, packed_modules, lora_index_to_id, _active_adapters,
+_registered_adapters, deactivate_adapter and its first-free-slot choice in activate_adapter;
+LoRAModel(id, rank, loras) and LoRALayerWeights(name, rank, alpha, a, b, scaling); the scheduler's
+running list, lora_config and vllm_config;
 OpenAIServingModels' lora_requests, lora_resolvers, lora_resolver_lock, lora_id_counter,
 engine_client.vllm_config / add_lora; vllm.config.get_current_vllm_config_or_none;
 vllm.config.lora.LoRAConfig defaults; vllm.lora.request.LoRARequest (msgspec struct);
@@ -101,6 +116,48 @@ def install_general_hooks() -> None:
 
         platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
 
+    install_scheduler_hooks()
+
+
+def install_scheduler_hooks() -> None:
+    """Engine core: keep each step within the dense-slot and basis caps (``scheduling.py``)."""
+    if not _once("scheduler"):
+        return
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from .scheduling import StepLimits
+    from .settings import settings_of
+
+    orig_init = Scheduler.__init__
+    orig_schedule = Scheduler.schedule
+    orig_blocked = Scheduler._handle_blocked_waiting_request
+
+    @functools.wraps(orig_init)
+    def __init__(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        st = settings_of(self.vllm_config)
+        self._nora_limits = (StepLimits(st, self.lora_config.max_loras)
+                             if st is not None and self.lora_config is not None else None)
+
+    @functools.wraps(orig_schedule)
+    def schedule(self, *a, **kw):
+        limits = getattr(self, "_nora_limits", None)
+        if limits is not None:
+            limits.start_step(self.running)
+        return orig_schedule(self, *a, **kw)
+
+    @functools.wraps(orig_blocked)
+    def _handle_blocked_waiting_request(self, request):
+        ready = orig_blocked(self, request)
+        limits = getattr(self, "_nora_limits", None)
+        if ready and limits is not None and request.lora_request and request.lora_request.lora_int_id > 0:
+            return limits.admit(request.lora_request)
+        return ready
+
+    Scheduler.__init__ = __init__
+    Scheduler.schedule = schedule
+    Scheduler._handle_blocked_waiting_request = _handle_blocked_waiting_request
+
 
 def install_worker_hooks() -> None:
     """Called when a nora punica wrapper is built, i.e. in a worker with nora enabled."""
@@ -117,11 +174,12 @@ def install_worker_hooks() -> None:
 
         @functools.wraps(orig_load)
         def _load_adapter(self, lora_request):
-            lora = orig_load(self, worker.convert_request(self, lora_request))
-            worker.record_rank(lora_request.lora_int_id, lora)
-            return lora
+            return worker.load_adapter(self, orig_load, lora_request)
 
         WorkerLoRAManager._load_adapter = _load_adapter
+
+        if worker._settings is not None and worker._settings.shared_basis:
+            _install_shared_basis_hooks()
 
         from .punica_cpu import prompt_logprobs_rows
 
@@ -133,6 +191,65 @@ def install_worker_hooks() -> None:
                 return orig_prompt(self, hidden_states, *a, **kw)
 
         GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+
+
+def _install_shared_basis_hooks() -> None:
+    """Shared-basis storage: our layer classes first in line, slots placed on activation."""
+    import vllm.lora.utils as lora_utils
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+
+    from . import worker
+    from .layers import LAYER_CLASSES, SharedBasisLayerMixin
+
+    # from_layer() takes the first class whose can_replace_layer() accepts the layer.
+    lora_utils._all_lora_classes = LAYER_CLASSES + tuple(lora_utils._all_lora_classes)
+
+    orig_create = LoRAModelManager._create_lora_modules
+    orig_activate = LoRAModelManager.activate_adapter
+    orig_apply = LRUCacheWorkerLoRAManager._apply_adapters
+    orig_dummy = WorkerLoRAManager.add_dummy_lora
+
+    @functools.wraps(orig_create)
+    def _create_lora_modules(self):
+        orig_create(self)
+        total: dict[str, int] = {}
+        for name, module in self.modules.items():
+            if isinstance(module, SharedBasisLayerMixin):
+                module.nora_sub_modules = self.packed_modules.get(name) or [name]
+                for k, v in module.nora_storage_bytes().items():
+                    total[k] = total.get(k, 0) + v
+        if total:
+            from .log import logger
+
+            logger.info("nora: adapter storage (MiB): %s", ", ".join(
+                f"{k} {v / 2**20:.2f}" for k, v in total.items()))
+
+    @functools.wraps(orig_activate)
+    def activate_adapter(self, lora_id):
+        return worker.activate(self, orig_activate, lora_id)
+
+    @functools.wraps(orig_apply)
+    def _apply_adapters(self, lora_requests):
+        # The ids this step needs: activation evicts storage only from the others.
+        self._adapter_manager._nora_batch = {r.lora_int_id for r in lora_requests if r}
+        try:
+            return orig_apply(self, lora_requests)
+        finally:
+            self._adapter_manager._nora_batch = None
+
+    @functools.wraps(orig_dummy)
+    def add_dummy_lora(self, lora_request, rank):
+        added = orig_dummy(self, lora_request, rank)
+        model = self._adapter_manager.get_adapter(lora_request.lora_int_id)
+        if model is not None:
+            model.nora_dummy = True  # warm-up only: no storage, no effect
+        return added
+
+    LoRAModelManager._create_lora_modules = _create_lora_modules
+    LoRAModelManager.activate_adapter = activate_adapter
+    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
+    WorkerLoRAManager.add_dummy_lora = add_dummy_lora
 
 
 def install_api_server_hooks() -> None:

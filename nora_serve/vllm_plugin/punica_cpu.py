@@ -18,6 +18,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .log import logger
+from .punica_nora import NoraLinearOpsMixin
 
 # The hidden states whose row slices vLLM hands to ``compute_logits`` while computing prompt
 # logprobs (set by the model-runner hook in ``hooks.py``): row i is scheduled token i.
@@ -77,8 +78,9 @@ def _w(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return w[0] if w.dim() == 3 else w
 
 
-class NoraPunicaWrapperCPU(PunicaWrapperCPU):
-    """Drop-in for ``PunicaWrapperCPU`` with correct no-adapter rows and prompt-logprob logits."""
+class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
+    """Drop-in for ``PunicaWrapperCPU`` with correct no-adapter rows and prompt-logprob logits,
+    and the forward of the shared-basis layers."""
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
@@ -93,12 +95,19 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._meta_cache: dict = {}
+        self._nora_reset_step()
         from .worker import adapter_ranks
 
         # Per-slot rank bound: the kernels read no further than this (unknown: the full rank).
         big = 1 << 30
         self._slot_ranks = torch.tensor(
             [0 if i is None else adapter_ranks.get(i, big) for i in lora_index_to_id], dtype=torch.int32)
+
+    def _nora_token_slots(self, n: int) -> torch.Tensor:
+        return self._token_slots(n).to(torch.int32)
+
+    def _nora_meta(self, tokens: torch.Tensor, num_slots: int, tag: str):
+        return _kernels().build_segment_meta(tokens, num_slots)
 
     def _meta(self, slots: torch.Tensor, max_loras: int):  # slots = self._token_slots(n)
         """Segment metadata for a slot table, built once per step and row count."""

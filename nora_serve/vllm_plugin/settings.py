@@ -16,6 +16,10 @@ KEY = "nora"
 DEFAULT_MAX_LORAS = 8
 DEFAULT_MAX_LORA_RANK = 64
 DEFAULT_MAX_CPU_LORAS = 32
+# Shared-basis storage: distinct bases resident at once, and the largest basis rank kept as
+# cores (larger ones are served as plain LoRA).
+DEFAULT_MAX_BASES = 4
+DEFAULT_CORE_RANK = 32
 
 
 def default_cache_dir() -> str:
@@ -29,6 +33,16 @@ class NoraSettings:
     adapter_dir: str | None = None  # the adapter store: every sub-directory servable by name
     cache_dir: str | None = None  # converted adapters, keyed by content
     check_base: bool = True  # refuse adapters whose base fingerprints do not match the model
+    dense_loras: int | None = None  # slots with full LoRA storage (None: all of --max-loras)
+    max_bases: int = DEFAULT_MAX_BASES  # shared bases resident at once
+    core_rank: int = DEFAULT_CORE_RANK  # largest shared-basis rank stored as cores; 0: off
+
+    @property
+    def shared_basis(self) -> bool:
+        return self.core_rank > 0 and self.max_bases > 0
+
+    def dense_slots(self, max_loras: int) -> int:
+        return max_loras if self.dense_loras is None else max(1, min(self.dense_loras, max_loras))
 
     @property
     def cache_path(self) -> Path:
@@ -47,7 +61,8 @@ class NoraSettings:
             raw = {}
         if not isinstance(raw, dict) or not raw.get("enabled", True):
             return None
-        known = {k: raw[k] for k in ("enabled", "adapter_dir", "cache_dir", "check_base") if k in raw}
+        known = {k: raw[k] for k in ("enabled", "adapter_dir", "cache_dir", "check_base",
+                                                  "dense_loras", "max_bases", "core_rank") if k in raw}
         return cls(**known)
 
 

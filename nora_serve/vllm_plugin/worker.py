@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .settings import NoraSettings, settings_of
 
 from .log import logger  # noqa: E402
@@ -19,6 +21,10 @@ def record_rank(lora_int_id: int, lora_model) -> None:
     ranks = [getattr(lora_model, "rank", 0) or 0]
     ranks += [getattr(w, "rank", 0) or 0 for w in getattr(lora_model, "loras", {}).values()]
     adapter_ranks[lora_int_id] = int(max(ranks))
+
+
+def settings() -> NoraSettings:
+    return _settings or NoraSettings()
 
 
 def remember_config(vllm_config) -> None:
@@ -53,3 +59,87 @@ def convert_request(manager, lora_request):
     if prepared.path == lora_request.lora_path:
         return lora_request
     return msgspec.structs.replace(lora_request, lora_path=prepared.path)
+
+
+# -- shared-basis storage ----------------------------------------------------------------------
+def _shared_modules(adapter_manager) -> set[str]:
+    """Module names served by shared-basis layers in this worker."""
+    from .layers import SharedBasisLayerMixin
+
+    return {sub for mod in adapter_manager.modules.values() if isinstance(mod, SharedBasisLayerMixin)
+            for sub in (mod.nora_sub_modules or ())}
+
+
+def load_adapter(manager, orig_load, lora_request):
+    """Load through the convert-on-load cache: a native NoRA / IntTune adapter as cores only
+    (its basis is shared), anything else as the folded LoRA."""
+    from .storage import DENSE, AdapterStorage
+
+    request = convert_request(manager, lora_request)
+    model = _load_cores(manager, lora_request, request.lora_path) if _settings else None
+    if model is None:
+        model = orig_load(manager, request)
+        record_rank(lora_request.lora_int_id, model)
+        model.nora_storage = AdapterStorage(DENSE, rank=adapter_ranks[lora_request.lora_int_id],
+                                            name=lora_request.lora_name)
+    return model
+
+
+def _load_cores(manager, lora_request, path):
+    from safetensors.torch import load_file
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    from .cache import shared_basis_entry
+    from .storage import BASIS, AdapterStorage, current_plan
+
+    entry = shared_basis_entry(path)
+    if entry is None or current_plan() is None or not settings().shared_basis:
+        return None
+    if entry.rank > settings().core_rank:
+        logger.info("nora: adapter %s: basis rank %d > --nora-core-rank %d, served as LoRA",
+                    lora_request.lora_name, entry.rank, settings().core_rank)
+        return None
+    cores = load_file(str(entry.cores))
+    missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
+    if missing:
+        logger.info("nora: adapter %s: %d modules (e.g. %s) have no shared-basis layer, served as LoRA",
+                    lora_request.lora_name, len(missing), missing[0])
+        return None
+    dtype = manager.lora_config.lora_dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    loras = {m: LoRALayerWeights(m, c.shape[0], 1, c.to(dtype), torch.zeros(0, c.shape[0], dtype=dtype),
+                                 scaling=1.0) for m, c in cores.items()}
+    model = LoRAModel(lora_request.lora_int_id, entry.rank, loras)
+    model.nora_storage = AdapterStorage(BASIS, rank=entry.rank, basis_key=entry.key,
+                                        basis_path=str(entry.basis), name=lora_request.lora_name)
+    adapter_ranks[lora_request.lora_int_id] = entry.rank
+    size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
+    logger.info("nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
+                lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
+    return model
+
+
+def activate(adapter_manager, orig_activate, lora_id: int) -> bool:
+    """``LoRAModelManager.activate_adapter`` with the slot's storage placed first."""
+    from .storage import DENSE, EMPTY, AdapterStorage, activating, current_plan
+
+    plan = current_plan()
+    if plan is None or lora_id in adapter_manager._active_adapters:
+        return orig_activate(adapter_manager, lora_id)
+
+    def first_free_slot():  # the slot vLLM's activate_adapter will take
+        return next((i for i, x in enumerate(adapter_manager.lora_index_to_id) if x is None), None)
+
+    if first_free_slot() is None:
+        return orig_activate(adapter_manager, lora_id)  # vLLM raises its own error
+    model = adapter_manager._registered_adapters[lora_id]
+    st = getattr(model, "nora_storage", None)
+    if st is None:
+        st = AdapterStorage(EMPTY) if getattr(model, "nora_dummy", False) else AdapterStorage(
+            DENSE, rank=adapter_ranks.get(lora_id, 1 << 30))
+    active = {i for i in adapter_manager.lora_index_to_id if i is not None}
+    batch = getattr(adapter_manager, "_nora_batch", None)
+    act = plan.assign(lora_id, first_free_slot, st, active, batch, adapter_manager.deactivate_adapter)
+    with activating(act):
+        return orig_activate(adapter_manager, lora_id)

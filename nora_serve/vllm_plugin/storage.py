@@ -1,0 +1,184 @@
+"""Which storage each adapter slot uses: dense (padded LoRA, ``K`` of them) or a shared basis
+(one of ``G`` resident bases, plus the adapter's own ``R x R`` cores in its slot).
+
+vLLM gives every active adapter one of ``max_loras`` slots. Here only ``K <= max_loras`` of
+them have full LoRA storage; shared-basis adapters need none. The plan maps each slot to its
+dense index or basis group, decided once per activation (in the model manager's
+``activate_adapter``, see ``hooks.py``) and read by every layer's ``set_lora`` and by the
+punica wrapper at forward time. No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .log import logger
+
+DENSE, BASIS, EMPTY = "dense", "basis", "empty"
+
+
+@dataclass(frozen=True)
+class AdapterStorage:
+    """How one loaded adapter is stored (attached to its vLLM ``LoRAModel``)."""
+
+    kind: str  # DENSE | BASIS | EMPTY (warm-up dummies: no weights anywhere)
+    rank: int = 0
+    basis_key: str | None = None
+    basis_path: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The slot being filled right now, and where its weights go."""
+
+    slot: int
+    storage: AdapterStorage
+    dense: int = -1
+    group: int = -1
+
+
+_current: contextvars.ContextVar[Activation | None] = contextvars.ContextVar("nora_activation", default=None)
+
+
+def current_activation() -> Activation | None:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def activating(act: Activation):
+    token = _current.set(act)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class StorageFull(RuntimeError):
+    pass
+
+
+class SlotPlan:
+    """Slot -> dense index / basis group, as device tables the kernels index.
+
+    ``dense_of_slot[max_loras]`` and ``group_of_slot[max_loras]`` (int32, -1 = none),
+    ``dense_ranks[K]`` (the adapter's rank: kernels read no further), ``core_offsets[max_loras]``
+    (slot s keeps its cores at ``s * R * R`` in each layer's flat core buffer). Tables are
+    updated in place, so their addresses never change (CUDA graphs)."""
+
+    def __init__(self, max_loras: int, dense_slots: int, max_groups: int, core_rank: int,
+                 device: torch.device | str):
+        self.max_loras = max_loras
+        self.dense_slots = dense_slots
+        self.max_groups = max_groups
+        self.core_rank = core_rank
+        self.device = torch.device(device)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.dense_of_slot = torch.full((max_loras,), -1, **i32)
+        self.group_of_slot = torch.full((max_loras,), -1, **i32)
+        self.dense_ranks = torch.zeros(dense_slots, **i32)
+        self.core_offsets = torch.arange(max_loras, dtype=torch.int64, device=self.device) * core_rank**2
+        self._dense_owner: list[int | None] = [None] * dense_slots
+        self._group_key: list[str | None] = [None] * max_groups
+        self._group_members: list[set[int]] = [set() for _ in range(max_groups)]
+        self.version = 0  # bumped on every change: cached per-step metadata keys on it
+
+    # -- decisions -------------------------------------------------------------------------
+    def assign(self, lora_id: int, slot_fn, storage: AdapterStorage, active: set[int],
+               batch: set[int] | None, evict) -> Activation:
+        """Place adapter ``lora_id`` and return its activation; ``slot_fn()`` gives the slot it
+        goes into, asked after any eviction (evicting may free a lower slot).
+
+        ``active``: adapter ids holding a slot now; ``batch``: ids the current step needs (None:
+        unknown); ``evict(lora_id)`` frees an active adapter's slot. Raises :class:`StorageFull`
+        when every dense index / basis group is needed by this step."""
+        dense = group = -1
+        if storage.kind == DENSE:
+            dense = self._free_dense(active, batch, evict)
+            self._dense_owner[dense] = lora_id
+            self.dense_ranks[dense] = storage.rank
+        elif storage.kind == BASIS:
+            group = self._group_for(storage, active, batch, evict)
+            self._group_members[group].add(lora_id)
+        slot = slot_fn()
+        self.dense_of_slot[slot] = dense
+        self.group_of_slot[slot] = group
+        self.version += 1
+        return Activation(slot, storage, dense, group)
+
+    def _free_dense(self, active, batch, evict) -> int:
+        for d, owner in enumerate(self._dense_owner):
+            if owner is None or owner not in active:
+                return d
+        for d, owner in enumerate(self._dense_owner):  # an adapter this step does not need
+            if batch is None or owner not in batch:
+                evict(owner)
+                return d
+        raise StorageFull(
+            f"nora: all {self.dense_slots} dense adapter slots (--nora-dense-loras) are used by "
+            f"this step; raise --nora-dense-loras")
+
+    def _group_for(self, storage, active, batch, evict) -> int:
+        live = [{m for m in members if m in active} for members in self._group_members]
+        for g, key in enumerate(self._group_key):
+            if key == storage.basis_key and live[g]:
+                return g
+        free = next((g for g in range(self.max_groups) if not live[g]), None)
+        if free is None:
+            free = next((g for g in range(self.max_groups)
+                         if batch is None or not (live[g] & batch)), None)
+            if free is None:
+                raise StorageFull(
+                    f"nora: all {self.max_groups} shared bases (--nora-max-bases) are used by this "
+                    f"step; raise --nora-max-bases")
+            for m in sorted(live[free]):
+                evict(m)
+        self._group_key[free] = storage.basis_key
+        self._group_members[free] = set()
+        logger.info("nora: shared basis %s (rank %d) -> group %d", storage.basis_key, storage.rank, free)
+        return free
+
+
+# -- the plan of this process (one LoRA model manager per worker) ------------------------------
+_plan: SlotPlan | None = None
+
+
+def plan_for(max_loras: int, settings, device) -> SlotPlan:
+    global _plan
+    if _plan is None or _plan.max_loras != max_loras:
+        _plan = SlotPlan(max_loras, settings.dense_slots(max_loras), settings.max_bases,
+                         settings.core_rank, device)
+    return _plan
+
+
+def current_plan() -> SlotPlan | None:
+    return _plan
+
+
+# -- shared bases, read once per process ---------------------------------------------------
+class BasisStore:
+    """Basis tensors by key, loaded from the cache's ``bases/`` file on first use."""
+
+    def __init__(self):
+        self._bases: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, key: str, path: str | Path) -> dict[str, torch.Tensor]:
+        if key not in self._bases:
+            from safetensors.torch import load_file
+
+            self._bases[key] = load_file(str(path))
+        return self._bases[key]
+
+    def module(self, key: str, path: str | Path, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        t = self.get(key, path)
+        if f"{module}.A" not in t:
+            return None
+        return t[f"{module}.A"], t[f"{module}.B"]
+
+
+bases = BasisStore()

@@ -1,0 +1,187 @@
+"""Shared-basis storage without a server: the split of native adapters into basis and cores,
+the cache's one copy per basis, the slot plan (dense indices, basis groups, eviction) and the
+scheduler's per-step caps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_serve_reference import make_native_adapters, train_shared_basis_adapters  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shared(base_dir, tmp_path_factory):
+    return train_shared_basis_adapters(base_dir, tmp_path_factory)
+
+
+def test_split_reproduces_each_modules_delta(base_dir, tmp_path):
+    """B_sh C A_sh equals the method's own ΔW for NoRA and IntTune, module by module."""
+    from nora_serve.converters.native import CONFIG_NAME, WEIGHTS_NAME, method_scale, module_factors
+    from nora_serve.converters.shared_basis import shared_basis_method, split_shared_basis
+    from nora_serve.converters.tensors_io import load_safetensors, read_json
+
+    native = make_native_adapters(base_dir, tmp_path, seed=5)
+    assert shared_basis_method(native["lora"]) is None and shared_basis_method(native["slora"]) is None
+    for method in ("nora", "inttune"):
+        path = native[method]
+        assert shared_basis_method(path) == method
+        split = split_shared_basis(path)
+        cfg, flat = read_json(path / CONFIG_NAME), load_safetensors(path / WEIGHTS_NAME)
+        for module in split.modules:
+            t = {k.rpartition(".")[2]: v.double() for k, v in flat.items() if k.rpartition(".")[0] == module}
+            want = module_factors(method, method_scale(cfg), t).dense()
+            got = split.basis[f"{module}.B"].double() @ split.cores[module].double() @ split.basis[f"{module}.A"].double()
+            assert torch.allclose(got, want, atol=1e-5), (method, module)
+
+
+def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path):
+    from nora_serve.vllm_plugin.cache import prepare_adapter, shared_basis_entry
+
+    cache = tmp_path / "cache"
+    entries = {n: shared_basis_entry(prepare_adapter(p, base=base_dir, max_rank=64, cache_dir=cache).path)
+               for n, p in shared.items()}
+    assert all(e is not None for e in entries.values())
+    assert entries["nora_a"].key == entries["nora_b"].key != entries["inttune_a"].key == entries["inttune_b"].key
+    assert sorted(p.name for p in (cache / "bases").iterdir()) == sorted(
+        {f"{entries['nora_a'].key}.safetensors", f"{entries['inttune_a'].key}.safetensors"})
+    assert entries["nora_a"].cores != entries["nora_b"].cores
+    # A plain LoRA entry has no shared-basis part.
+    lora = make_native_adapters(base_dir, tmp_path / "n", seed=1)["lora"]
+    assert shared_basis_entry(prepare_adapter(lora, base=base_dir, max_rank=64, cache_dir=cache).path) is None
+
+
+def _st(kind, key=None, rank=8):
+    from nora_serve.vllm_plugin.storage import AdapterStorage
+
+    return AdapterStorage(kind, rank=rank, basis_key=key)
+
+
+class _Slots:
+    """vLLM's slot list and deactivation, as the model manager keeps them."""
+
+    def __init__(self, n):
+        self.ids: list[int | None] = [None] * n
+
+    def free(self):
+        return self.ids.index(None) if None in self.ids else None
+
+    def place(self, plan, lora_id, storage, batch=None):
+        act = plan.assign(lora_id, self.free, storage, {i for i in self.ids if i is not None}, batch,
+                          self.evict)
+        self.ids[act.slot] = lora_id
+        return act
+
+    def evict(self, lora_id):
+        self.ids[self.ids.index(lora_id)] = None
+
+
+def test_slot_plan_dense_and_groups():
+    from nora_serve.vllm_plugin.storage import BASIS, DENSE, EMPTY, SlotPlan, StorageFull
+
+    plan, slots = SlotPlan(6, 2, 2, 8, "cpu"), _Slots(6)
+    a = slots.place(plan, 1, _st(DENSE, rank=4))
+    b = slots.place(plan, 2, _st(BASIS, "k1"))
+    c = slots.place(plan, 3, _st(BASIS, "k1"))
+    d = slots.place(plan, 4, _st(DENSE, rank=16))
+    e = slots.place(plan, 5, _st(EMPTY))
+    assert (a.dense, d.dense) == (0, 1) and b.group == c.group == 0 and e.dense == e.group == -1
+    assert plan.dense_of_slot.tolist() == [0, -1, -1, 1, -1, -1]
+    assert plan.group_of_slot.tolist() == [-1, 0, 0, -1, -1, -1]
+    assert plan.dense_ranks.tolist() == [4, 16]
+    # A third dense adapter takes the index of one this step does not need.
+    f = slots.place(plan, 6, _st(DENSE, rank=2), batch={4, 6})
+    assert f.dense == 0 and 1 not in slots.ids and plan.dense_ranks.tolist() == [2, 16]
+    assert plan.dense_of_slot[f.slot] == 0
+    # A second basis gets the free group; a third evicts the group this step does not need.
+    g = slots.place(plan, 7, _st(BASIS, "k2"), batch={7})
+    assert g.group == 1
+    h = slots.place(plan, 8, _st(BASIS, "k3"), batch={7, 8})
+    assert h.group == 0 and 2 not in slots.ids and 3 not in slots.ids
+    # Everything needed by this step: a clear error instead of a wrong result.
+    with pytest.raises(StorageFull, match="--nora-dense-loras"):
+        slots.place(plan, 9, _st(DENSE), batch={4, 6, 9})
+    with pytest.raises(StorageFull, match="--nora-max-bases"):
+        slots.place(plan, 10, _st(BASIS, "k4"), batch={7, 8, 10})
+
+
+def test_step_limits_defer_past_the_caps(shared, base_dir, tmp_path):
+    from vllm.lora.request import LoRARequest
+
+    from nora_serve.vllm_plugin.cache import prepare_adapter
+    from nora_serve.vllm_plugin.scheduling import StepLimits
+    from nora_serve.vllm_plugin.settings import NoraSettings
+
+    cache = tmp_path / "cache"
+    native = make_native_adapters(base_dir, tmp_path / "n", seed=2)
+    paths = {n: prepare_adapter(p, base=base_dir, max_rank=64, cache_dir=cache).path
+             for n, p in {**shared, "lora": native["lora"], "dyrank": native["dyrank"],
+                          "slora": native["slora"]}.items()}
+    reqs = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(sorted(paths.items()))}
+    limits = StepLimits(NoraSettings(dense_loras=2, max_bases=1), max_loras=64)
+
+    class Running:
+        def __init__(self, r):
+            self.lora_request = r
+
+    limits.start_step([Running(reqs["lora"])])
+    assert limits.admit(reqs["lora"]) and limits.admit(reqs["dyrank"])
+    assert not limits.admit(reqs["slora"])  # a third dense adapter waits
+    assert limits.admit(reqs["nora_a"]) and limits.admit(reqs["nora_b"])  # one basis, many cores
+    assert not limits.admit(reqs["inttune_a"])  # a second basis waits
+    limits.start_step([])
+    assert limits.admit(reqs["inttune_a"]) and limits.admit(reqs["slora"])
+    # core_rank 0 turns shared-basis storage off: every adapter is dense.
+    off = StepLimits(NoraSettings(core_rank=0, dense_loras=2), max_loras=64)
+    off.start_step([])
+    assert off.admit(reqs["nora_a"]) and off.admit(reqs["nora_b"]) and not off.admit(reqs["inttune_a"])
+
+
+def test_nora_flags_reach_the_settings(base_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from nora_serve.vllm_plugin.settings import NoraSettings
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(base_dir), "--enable-nora", "--nora-dense-loras", "4",
+                              "--nora-max-bases", "3", "--nora-core-rank", "16"])
+    s = NoraSettings.from_additional_config(AsyncEngineArgs.from_cli_args(args).additional_config)
+    assert (s.dense_loras, s.max_bases, s.core_rank) == (4, 3, 16) and s.dense_slots(1024) == 4
+    assert NoraSettings().dense_slots(12) == 12 and NoraSettings().shared_basis
+    with pytest.raises(ValueError, match="--nora-dense-loras"):
+        AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(base_dir), "--enable-nora",
+                                                         "--nora-dense-loras", "0"]))
+
+
+def test_cpu_wrapper_applies_dense_and_shared_basis_slots():
+    """add_nora_linear on the CPU: dense slots, two basis groups, an empty slot, a warm-up
+    dummy, no-adapter and padding rows, each row gets exactly its own ΔW x."""
+    import nora_layer_cases as cases
+    from vllm.lora.layers import LoRAMapping
+
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    lay, plan, want = cases.build()
+    w = NoraPunicaWrapperCPU(64, 16, "cpu")
+    w.update_metadata(LoRAMapping(cases.MAPPING, cases.MAPPING, is_prefill=True), cases.SLOT_IDS,
+                      cases.MAX_LORAS, 100)
+    rows = len(cases.MAPPING) + 2
+    x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(1))
+    base = torch.randn(rows, sum(cases.SLICES), generator=torch.Generator().manual_seed(2))
+    y = base.clone()
+    w.add_nora_linear(y, x, lay)
+    torch.testing.assert_close((y - base).double(), cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)
+    # A changed plan (new version) is seen at once, without a new mapping.
+    plan.group_of_slot[3] = -1
+    plan.version += 1
+    y2 = base.clone()
+    w.add_nora_linear(y2, x, lay)
+    moved = (y2 - y).abs().sum(1)
+    assert moved[[3, 9]].min() > 0 and moved[[i for i in range(rows) if i not in (3, 9)]].max() == 0
