@@ -199,7 +199,7 @@ def _install_shared_basis_hooks() -> None:
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-    from . import worker
+    from . import storage, worker
     from .layers import LAYER_CLASSES, SharedBasisLayerMixin
 
     # from_layer() takes the first class whose can_replace_layer() accepts the layer.
@@ -232,11 +232,17 @@ def _install_shared_basis_hooks() -> None:
     @functools.wraps(orig_apply)
     def _apply_adapters(self, lora_requests):
         # The ids this step needs: activation evicts storage only from the others.
-        self._adapter_manager._nora_batch = {r.lora_int_id for r in lora_requests if r}
+        manager = self._adapter_manager
+        manager._nora_batch = {r.lora_int_id for r in lora_requests if r}
         try:
             return orig_apply(self, lora_requests)
         finally:
-            self._adapter_manager._nora_batch = None
+            manager._nora_batch = None
+            plan = storage.current_plan()
+            if plan is not None and plan.version != plan.refreshed_version:
+                # Slots were placed since the last metadata: have vLLM rebuild it this step,
+                # even where its own mapping and slot layout did not change.
+                manager._last_slot_layout = None
 
     @functools.wraps(orig_dummy)
     def add_dummy_lora(self, lora_request, rank):

@@ -95,13 +95,16 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._meta_cache: dict = {}
-        self._nora_reset_step()
         from .worker import adapter_ranks
 
         # Per-slot rank bound: the kernels read no further than this (unknown: the full rank).
         big = 1 << 30
         self._slot_ranks = torch.tensor(
             [0 if i is None else adapter_ranks.get(i, big) for i in lora_index_to_id], dtype=torch.int32)
+        self._nora_refresh()
+
+    def _nora_rows(self) -> int:
+        return self.token_lora_indices.numel()
 
     def _nora_token_slots(self, n: int) -> torch.Tensor:
         return self._token_slots(n).to(torch.int32)

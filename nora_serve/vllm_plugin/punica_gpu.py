@@ -82,7 +82,6 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
     # -- per-step metadata -------------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self._nora_reset_step()
         if _kernels() is None:
             return
         n = min(self.indices_len[0] or 0, self._max_tokens)
@@ -92,6 +91,7 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
         self._fill_ranks(lora_index_to_id)
         for bufs in self._step_bufs.values():
             bufs.update(self._token_slots[:n])
+        self._nora_refresh()
 
     def _fill_ranks(self, lora_index_to_id) -> None:
         """Per-slot rank into the persistent table, in place (the kernels keep its address)."""
@@ -131,8 +131,14 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
                                                                self.device)
         return bufs.update(token_slots.to(torch.int32))
 
+    def _nora_rows(self) -> int:
+        return self._num_mapped
+
     def _nora_token_slots(self, n: int) -> torch.Tensor:
         return self.token_slots(n)
+
+    def _nora_view(self, tag: str, num_slots: int, meta, n: int):
+        return self._meta_bufs[(tag, int(num_slots))].view(n)
 
     def _nora_meta(self, tokens: torch.Tensor, num_slots: int, tag: str):
         return self.segment_meta(tokens, num_slots, tag)

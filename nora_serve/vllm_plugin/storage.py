@@ -86,7 +86,8 @@ class SlotPlan:
         self._dense_owner: list[int | None] = [None] * dense_slots
         self._group_key: list[str | None] = [None] * max_groups
         self._group_members: list[set[int]] = [set() for _ in range(max_groups)]
-        self.version = 0  # bumped on every change: cached per-step metadata keys on it
+        self.version = 0  # bumped on every change
+        self.refreshed_version = -1  # the version the punica wrapper's metadata was built from
 
     # -- decisions -------------------------------------------------------------------------
     def assign(self, lora_id: int, slot_fn, storage: AdapterStorage, active: set[int],
