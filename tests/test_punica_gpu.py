@@ -342,12 +342,26 @@ def test_add_nora_linear_dense_and_shared_basis(wrapper_cls, monkeypatch):
 
     monkeypatch.setattr(worker, "adapter_ranks", dict(cases.RANK))
     lay, plan, want = cases.build(device=DEVICE)
+    from nora_serve.vllm_plugin import storage
+
+    monkeypatch.setattr(storage, "_plan", plan)  # the process's plan: update_metadata builds for it
     w = wrapper_cls(64, 8, device=DEVICE, lora_config=LoRAConfig(max_loras=cases.MAX_LORAS, max_lora_rank=8))
     w.update_metadata(_mapping(cases.MAPPING), cases.SLOT_IDS, cases.MAX_LORAS + 1, 100)
+    assert plan.refreshed_version == plan.version
     rows = len(cases.MAPPING) + 2
     x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     base = torch.randn(rows, sum(cases.SLICES), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    want_delta = cases.reference(x.cpu(), want, rows)
     y = base.clone()
     w.add_nora_linear(y, x, lay)
-    torch.testing.assert_close((y - base).double().cpu(), cases.reference(x.cpu(), want, rows),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((y - base).double().cpu(), want_delta, atol=1e-4, rtol=1e-4)
+
+    # vLLM runs the layers under torch.compile (fullgraph): the forward only reads views of
+    # what update_metadata built.
+    def fn(y, x):
+        w.add_nora_linear(y, x, lay)
+        return y
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="eager", dynamic=True)(base.clone(), x)
+    torch.testing.assert_close((out - base).double().cpu(), want_delta, atol=1e-4, rtol=1e-4)
