@@ -10,7 +10,6 @@ variable set; the kernel tests only run in that child.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,38 +18,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_cases as kc  # noqa: E402
+from triton_child import CHILD, HAVE_CUDA, RUN_HERE, have_triton, run_child  # noqa: E402
 
-CHILD = os.environ.get("NORA_TRITON_CHILD") == "1"
-HAVE_CUDA = torch.cuda.is_available()
-RUN_KERNELS = CHILD or HAVE_CUDA
-
-
-def _have_triton() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("triton") is not None
-    except Exception:
-        return False
+RUN_KERNELS = RUN_HERE
 
 
 @pytest.mark.skipif(RUN_KERNELS, reason="this is the parent; kernel tests run here directly")
-@pytest.mark.skipif(not _have_triton(), reason="triton not installed")
+@pytest.mark.skipif(not have_triton(), reason="triton not installed")
 @pytest.mark.timeout(600)
 def test_triton_kernels_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", NORA_TRITON_CHILD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+    run_child(__file__, 600)
 
 
 @pytest.mark.skipif(CHILD or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="compiles real kernels; not under the interpreter")
-@pytest.mark.skipif(not _have_triton(), reason="triton not installed")
+@pytest.mark.skipif(not have_triton(), reason="triton not installed")
 @pytest.mark.parametrize("dt", ["bf16", "fp16", "fp32"])
 def test_triton_kernels_compile_for_sm90(dt):
     """The interpreter does not check what the compiler does (types, tl.dot shapes,

@@ -12,43 +12,28 @@ plain torch). vLLM's own kernels are never called here.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-CHILD = os.environ.get("NORA_TRITON_CHILD") == "1"
-HAVE_CUDA = torch.cuda.is_available()
-RUN_HERE = CHILD or HAVE_CUDA
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from triton_child import HAVE_CUDA, RUN_HERE, have_triton, run_child  # noqa: E402
+
 DEVICE = "cuda" if HAVE_CUDA else "cpu"
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _have_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 @pytest.mark.skipif(RUN_HERE, reason="this is the parent; the wrapper tests run here directly")
-@pytest.mark.skipif(not _have_triton(), reason="triton not installed")
+@pytest.mark.skipif(not have_triton(), reason="triton not installed")
 @pytest.mark.timeout(300)
 def test_punica_gpu_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", NORA_TRITON_CHILD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+    out = run_child(__file__, 300)
     # The child skips only this parent test (a skipped wrapper test would hide a problem).
-    skips = [ln for ln in proc.stdout.splitlines() if ln.startswith("SKIPPED")]
-    assert all("this is the parent" in ln for ln in skips), tail
+    skips = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
+    assert all("this is the parent" in ln for ln in skips), out[-6000:]
 
 
 child = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child "
@@ -334,7 +319,6 @@ def test_falls_back_to_vllm_without_kernels(wrapper_cls, ranks_recorded, monkeyp
 def test_add_nora_linear_dense_and_shared_basis(wrapper_cls, monkeypatch):
     """The shared-basis layers' forward through the GPU wrapper (every group each step, tables
     from persistent buffers) equals the per-token reference, as on the CPU."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import nora_layer_cases as cases
     from vllm.config import LoRAConfig
 
