@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from .log import logger
+from nora_serve import kernels
+
 from .punica_nora import NoraLinearOpsMixin
 
 # The hidden states whose row slices vLLM hands to ``compute_logits`` while computing prompt
@@ -34,24 +35,6 @@ def prompt_logprobs_rows(hidden_states: torch.Tensor):
         yield
     finally:
         _prompt_hidden_states.reset(token)
-
-
-def _kernels():
-    """``nora_serve.kernels`` (segment GEMMs, one per adapter, no-adapter rows skipped), or
-    ``None`` where it cannot be imported; the plain torch path below is then used."""
-    global _KERNELS
-    if _KERNELS is False:
-        try:
-            from nora_serve import kernels
-
-            _KERNELS = kernels
-            logger.info("nora: punica ops from nora_serve.kernels (segment GEMMs)")
-        except Exception:  # pragma: no cover - kernels missing or broken
-            _KERNELS = None
-    return _KERNELS
-
-
-_KERNELS = False
 
 
 def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -95,12 +78,10 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._meta_cache: dict = {}
-        from .worker import adapter_ranks
+        from .worker import slot_ranks
 
         # Per-slot rank bound: the kernels read no further than this (unknown: the full rank).
-        big = 1 << 30
-        self._slot_ranks = torch.tensor(
-            [0 if i is None else adapter_ranks.get(i, big) for i in lora_index_to_id], dtype=torch.int32)
+        self._slot_ranks = torch.tensor(slot_ranks(lora_index_to_id), dtype=torch.int32)
         self._nora_refresh()
 
     def _nora_rows(self) -> int:
@@ -110,7 +91,7 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
         return self._token_slots(n).to(torch.int32)
 
     def _nora_meta(self, tokens: torch.Tensor, num_slots: int, tag: str):
-        return _kernels().build_segment_meta(tokens, num_slots)
+        return kernels.build_segment_meta(tokens, num_slots)
 
     def _meta(self, slots: torch.Tensor, max_loras: int):  # slots = self._token_slots(n)
         """Segment metadata for a slot table, built once per step and row count."""
@@ -119,7 +100,7 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
             cache = self._meta_cache = {}
         key = (slots.numel(), max_loras)  # the table for n rows is fixed within a step
         if key not in cache:
-            cache[key] = _kernels().build_segment_meta(slots.to(torch.int32), max_loras)
+            cache[key] = kernels.build_segment_meta(slots.to(torch.int32), max_loras)
         return cache[key]
 
     def _full_ranks(self, stacked: torch.Tensor, rank_dim: int) -> torch.Tensor:
@@ -133,14 +114,10 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked,
                         scale: float, output_slices, *, buffer=None, **kwargs: Any) -> None:
-        k = _kernels()
-        if k is None:
-            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
-                                           buffer=buffer, **kwargs)
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         meta = self._meta(self._token_slots(x2.shape[0]), lora_a_stacked[0].shape[0])
-        k.lora_linear(y2, x2, list(lora_a_stacked), list(lora_b_stacked), meta,
+        kernels.lora_linear(y2, x2, list(lora_a_stacked), list(lora_b_stacked), meta,
                       self._full_ranks(lora_a_stacked[0], -2), scale, 0)
 
     # -- linear layers -----------------------------------------------------------------------
@@ -214,11 +191,10 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs: Any) -> None:
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
-        k = _kernels()
-        if k is not None and lora_b_stacked.shape[-2] <= y2.shape[1]:
+        if lora_b_stacked.shape[-2] <= y2.shape[1]:
             slots = self._logits_slots(x2).to(torch.int32)
-            meta = k.build_segment_meta(slots, lora_a_stacked.shape[0])
-            k.lora_linear(y2, x2, [lora_a_stacked], [lora_b_stacked], meta,
+            meta = kernels.build_segment_meta(slots, lora_a_stacked.shape[0])
+            kernels.lora_linear(y2, x2, [lora_a_stacked], [lora_b_stacked], meta,
                           self._full_ranks(lora_a_stacked, -2), float(scale), 0)
             return
         for slot, rows in _groups(self._logits_slots(x2)):

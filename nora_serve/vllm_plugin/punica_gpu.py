@@ -25,9 +25,6 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from .log import logger
 from .punica_nora import NoraLinearOpsMixin
 
-# Rank of an adapter whose rank was not recorded: the full stacked rank (the clamp cuts it).
-_FULL_RANK = 1 << 30
-
 _KERNELS: Any = False  # False: not tried yet; None: unusable
 
 
@@ -95,10 +92,10 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
 
     def _fill_ranks(self, lora_index_to_id) -> None:
         """Per-slot rank into the persistent table, in place (the kernels keep its address)."""
-        from .worker import adapter_ranks
+        from .worker import slot_ranks
 
         size = self._slot_ranks.numel()
-        ranks = [0 if i is None else adapter_ranks.get(i, _FULL_RANK) for i in lora_index_to_id]
+        ranks = slot_ranks(lora_index_to_id)
         ranks = (ranks + [0] * size)[:size]
         if ranks == self._last_ranks:
             return

@@ -14,8 +14,8 @@ from .cache import shared_basis_entry
 class StepLimits:
     def __init__(self, settings, max_loras: int):
         self.dense_cap = settings.dense_slots(max_loras)
-        self.basis_cap = settings.max_bases if settings.shared_basis else 0
-        self.core_rank = settings.core_rank
+        self.basis_cap = settings.max_bases
+        self.settings = settings
         self._kinds: dict[int, str | None] = {}  # lora_int_id -> basis key, None = dense
         self.dense: set[int] = set()
         self.bases: set[str] = set()
@@ -23,8 +23,8 @@ class StepLimits:
     def kind(self, lora_request) -> str | None:
         lid = lora_request.lora_int_id
         if lid not in self._kinds:
-            entry = shared_basis_entry(lora_request.lora_path) if self.basis_cap else None
-            self._kinds[lid] = entry.key if entry is not None and entry.rank <= self.core_rank else None
+            entry = shared_basis_entry(lora_request.lora_path) if self.settings.shared_basis else None
+            self._kinds[lid] = entry.key if entry is not None and self.settings.keeps_as_cores(entry.rank) else None
         return self._kinds[lid]
 
     def start_step(self, running) -> None:

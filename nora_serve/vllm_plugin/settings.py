@@ -41,6 +41,10 @@ class NoraSettings:
     def shared_basis(self) -> bool:
         return self.core_rank > 0 and self.max_bases > 0
 
+    def keeps_as_cores(self, basis_rank: int) -> bool:
+        """Whether a shared-basis adapter of this rank is stored as cores (else as LoRA)."""
+        return self.shared_basis and basis_rank <= self.core_rank
+
     def dense_slots(self, max_loras: int) -> int:
         return max_loras if self.dense_loras is None else max(1, min(self.dense_loras, max_loras))
 

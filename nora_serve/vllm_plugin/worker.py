@@ -15,6 +15,13 @@ _settings: NoraSettings | None = None
 _model_dir: str | None = None
 # Largest rank of each loaded adapter (by lora_int_id): the punica wrapper reads no further.
 adapter_ranks: dict[int, int] = {}
+# Rank of an adapter whose rank was not recorded: the kernels clamp it to the stacked rank.
+UNKNOWN_RANK = 1 << 30
+
+
+def slot_ranks(lora_index_to_id) -> list[int]:
+    """Rank to read per slot: 0 for an empty slot, the adapter's recorded rank otherwise."""
+    return [0 if i is None else adapter_ranks.get(i, UNKNOWN_RANK) for i in lora_index_to_id]
 
 
 def record_rank(lora_int_id: int, lora_model) -> None:
@@ -94,9 +101,9 @@ def _load_cores(manager, lora_request, path):
     from .storage import BASIS, AdapterStorage, current_plan
 
     entry = shared_basis_entry(path)
-    if entry is None or current_plan() is None or not settings().shared_basis:
+    if entry is None or current_plan() is None:
         return None
-    if entry.rank > settings().core_rank:
+    if not settings().keeps_as_cores(entry.rank):
         logger.info("nora: adapter %s: basis rank %d > --nora-core-rank %d, served as LoRA",
                     lora_request.lora_name, entry.rank, settings().core_rank)
         return None
@@ -137,7 +144,7 @@ def activate(adapter_manager, orig_activate, lora_id: int) -> bool:
     st = getattr(model, "nora_storage", None)
     if st is None:
         st = AdapterStorage(EMPTY) if getattr(model, "nora_dummy", False) else AdapterStorage(
-            DENSE, rank=adapter_ranks.get(lora_id, 1 << 30))
+            DENSE, rank=adapter_ranks.get(lora_id, UNKNOWN_RANK))
     active = {i for i in adapter_manager.lora_index_to_id if i is not None}
     batch = getattr(adapter_manager, "_nora_batch", None)
     act = plan.assign(lora_id, first_free_slot, st, active, batch, adapter_manager.deactivate_adapter)
