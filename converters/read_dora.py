@@ -3,6 +3,8 @@ included) + ``prune_state_dict.pt`` (the pruning masks), optionally under ``chec
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -91,6 +93,8 @@ def _read_dora(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
         mask_for[m] = v
     entries: dict[str, ModuleEntry] = {}
     alpha_opt = opts.get("lora_alpha")
+    if alpha_opt is not None and not (float(alpha_opt) > 0 and math.isfinite(float(alpha_opt))):
+        raise AdapterError(f"lora_alpha must be a finite number > 0, got {alpha_opt}", file=path)
     r0s = set()
     for module in sorted(groups):
         t = groups[module]

@@ -11,7 +11,7 @@ from . import native
 from .adapter_deltas import AdapterDeltas, ModuleEntry
 from .errors import AdapterError
 from .method_entries import _dyrank_entry, _lora_entry, _nora_entry, _three_entry
-from .reader_common import _check_modules_complete, _check_tensors, _dtype_of, _num, _require
+from .reader_common import _check_alpha, _check_modules_complete, _check_tensors, _dtype_of, _num, _require
 from .tensors_io import load_safetensors, read_json
 
 
@@ -28,6 +28,7 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
         raise AdapterError(f"unknown method {method!r} (known: {', '.join(native.METHODS)})", file=cfg_path)
     for key in ("r", "lora_alpha") + (("inner_r",) if method == "nora" else ()):
         _num(cfg, key, cfg_path)
+    _check_alpha(cfg, cfg_path)
     try:
         scale = native.method_scale(cfg)
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:

@@ -24,6 +24,7 @@ from .peft_layout import (
 )
 from .reader_common import (
     _check_2d,
+    _check_alpha,
     _check_float,
     _check_modules_complete,
     _check_tensors,
@@ -52,7 +53,7 @@ def _read_lora_layout(path: Path, *, three: bool) -> tuple[dict, dict[str, Modul
     cfg_path = path / CONFIG
     cfg = read_json(cfg_path)
     _num(cfg, "r", cfg_path, kind=int)
-    _num(cfg, "lora_alpha", cfg_path)
+    _check_alpha(cfg, cfg_path)
     _reject_unfoldable_peft_features(cfg, cfg_path)
     if not three:
         _check_residual_init(cfg, cfg_path)
@@ -97,7 +98,7 @@ def _read_peft_adalora(path: Path, base: Path | None, opts: dict) -> AdapterDelt
     cfg_path = path / CONFIG
     cfg = read_json(cfg_path)
     _reject_unfoldable_peft_features(cfg, cfg_path)
-    alpha = _num(cfg, "lora_alpha", cfg_path)
+    alpha = _check_alpha(cfg, cfg_path, allow_zero=True)  # PEFT's AdaLoRA: 0 means alpha = r
     init_r = _num(cfg, "init_r", cfg_path, default=cfg.get("r"), kind=int)
     wfile = _peft_weights_file(path)
     tensors = load_weights(wfile)

@@ -45,6 +45,27 @@ def _num(cfg: dict, key: str, file: Path, *, default=None, kind=float):
     return kind(v)
 
 
+def _check_alpha(cfg: dict, file: Path, *, allow_zero: bool = False) -> float:
+    """``lora_alpha`` and every ``alpha_pattern`` value: finite and > 0 (>= 0 with
+    ``allow_zero``). A negative alpha would silently flip the sign of the adapter's delta."""
+    import math
+
+    alpha = _num(cfg, "lora_alpha", file)
+    values = [("lora_alpha", alpha)]
+    pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"'alpha_pattern' must be an object, got {type(pattern).__name__}", file=file)
+    for k, v in pattern.items():
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise AdapterError(f"alpha_pattern[{k!r}] is not a number: {v!r}", file=file)
+        values.append((f"alpha_pattern[{k!r}]", float(v)))
+    for name, v in values:
+        if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+            raise AdapterError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v}",
+                               file=file)
+    return alpha
+
+
 def _check_modules_complete(groups: dict[str, dict[str, torch.Tensor]], names: tuple[str, ...],
                             file: Path, disk_name: Callable[[str, str], str]) -> None:
     for module, ts in groups.items():

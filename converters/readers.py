@@ -29,6 +29,7 @@ common checks in :mod:`.reader_common`, PEFT's layout in :mod:`.peft_layout`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +110,57 @@ def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
                     f"(adapter {fp}, base {fps[module]})",
                     file=deltas.path / CONFIG if (deltas.path / CONFIG).exists() else deltas.path,
                     module=module, tensor=f"{module}.weight")
+    _check_named_base(deltas, Path(base), fps)
     return fps
+
+
+_HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def _check_named_base(deltas: AdapterDeltas, base: Path, fps: dict[str, str]) -> None:
+    """The base the adapter names (``base_model_name_or_path``), where it can be checked:
+
+    * a directory that exists here (absolute, or relative to the adapter directory): the
+      fingerprints of the targeted modules' weights in it must equal the served base's;
+    * a hub id while the served base is a hub snapshot (``.../models--org--name/snapshots/...``):
+      the ids must be equal.
+
+    Anything else (a hub id with a base in a plain directory, a path that does not exist here)
+    cannot be checked and is accepted; adapters that record ``base_fingerprints`` (the native
+    format) are checked by those."""
+    from .fingerprint import base_fingerprints
+
+    name = deltas.base_model_name_or_path
+    if not isinstance(name, str) or not name.strip():
+        return
+    name = name.strip()
+    where = deltas.path / CONFIG if (deltas.path / CONFIG).exists() else deltas.path
+    named = Path(name).expanduser()
+    if not named.is_absolute():
+        named = deltas.path / named
+    try:
+        exists = named.is_dir() and any(named.glob("*.safetensors"))
+        same = exists and named.resolve() == base.resolve()
+    except OSError:
+        exists = same = False
+    if exists and not same:
+        try:
+            theirs = base_fingerprints(named, list(fps))
+        except Exception:  # not a readable base (other layout, missing modules): cannot check
+            return
+        for module in sorted(fps):
+            if theirs.get(module) != fps[module]:
+                raise AdapterError(
+                    f"made for another base model: its base_model_name_or_path {name!r} names a "
+                    f"model whose weights differ from the served model's", file=where,
+                    module=module, tensor=f"{module}.weight")
+        return
+    m = _HUB_SNAPSHOT.search(str(base.resolve()) + "/")
+    if not exists and m and "/" in name and not name.startswith((".", "/", "~")):
+        served = f"{m.group(1)}/{m.group(2)}"
+        if served.lower() != name.lower():
+            raise AdapterError(f"made for another base model: base_model_name_or_path {name!r}, "
+                               f"the served model is {served!r}", file=where)
 
 
 READERS: dict[str, Callable[[Path, Path | None, dict], AdapterDeltas]] = {

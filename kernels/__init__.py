@@ -15,6 +15,10 @@ Public API (all ops add into / write caller-owned tensors, vLLM punica style):
 
 CPU tensors run the segment-GEMM CPU path, CUDA tensors the Triton kernels (also
 CPU tensors when TRITON_INTERPRET=1). The ops are registered as torch.ops.nora.*.
+
+``cpu_step``: the CPU serving path, a route per step (``build_route``) and the layer ops that
+read it (``lora_linear``, slice-packed ``packed_lora_linear`` / ``stacked_lora_linear`` /
+``packed_shared_basis_linear``), used by the plugin's CPU punica wrapper.
 """
 
 from .metadata import (

@@ -72,6 +72,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [_bin("nora-serve"), str(base), "--host", "127.0.0.1", "--port", str(self.port),
                     "--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
+                    "--nora-allow-runtime-loading",  # the demo's POST /v1/load_lora_adapter (local only)
                     "--dtype", "float32", "--max-model-len", "128", "--gpu-memory-utilization", "0.05",
                     "--lora-modules", *(f"{k}={v}" for k, v in static.items())]
         self.log = log

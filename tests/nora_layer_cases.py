@@ -36,6 +36,7 @@ def build(dtype=torch.float32, device="cpu", seed=0):
         nora_basis_b=[torch.zeros(2, n, R_CORE, dtype=dtype) for n in SLICES],
         nora_cores=[torch.zeros(MAX_LORAS * R_CORE**2, dtype=dtype) for _ in SLICES],
         nora_core_ranks=torch.zeros(len(SLICES), MAX_LORAS, dtype=torch.int32),
+        nora_group_rank=[[R_CORE, R_CORE] for _ in SLICES],
     )
     bases = {k: [(rnd(R_CORE, D_IN), rnd(n, R_CORE)) for n in SLICES] for k in ("k1", "k2")}
     want: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -66,8 +67,10 @@ def build(dtype=torch.float32, device="cpu", seed=0):
                 lay.nora_basis_a[i][act.group] = A
                 lay.nora_basis_b[i][act.group] = B
                 c = rnd(r, r)
-                lay.nora_cores[i][slot * R_CORE**2 : slot * R_CORE**2 + r * r] = c.reshape(-1)
-                lay.nora_core_ranks[i, slot] = r
+                # As set_lora stores it: zero-padded to the group's basis rank.
+                block = lay.nora_cores[i][slot * R_CORE**2 : (slot + 1) * R_CORE**2].view(R_CORE, R_CORE)
+                block[:r, :r] = c
+                lay.nora_core_ranks[i, slot] = R_CORE
                 per_slice.append((B[:, :r] @ c, A[:r]))
         if per_slice:
             want[slot] = per_slice

@@ -121,8 +121,9 @@ def bad(base_dir, native, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(base_dir, fixtures_dir, store, tmp_path_factory):
     cache = tmp_path_factory.mktemp("nora-cache")
-    # No VLLM_ALLOW_RUNTIME_LORA_UPDATING here: --nora-adapter-dir must switch it on.
+    # No VLLM_ALLOW_RUNTIME_LORA_UPDATING here: the load/unload routes are opened by our flag.
     with VLLMServer(base_dir, ["--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
+                               "--nora-allow-runtime-loading",
                                "--max-loras", "4", "--max-lora-rank", "16", "--lora-modules", f"static={fixtures_dir / 'slora'}"],
                     entry="nora_serve.cli.serve") as srv:
         yield srv

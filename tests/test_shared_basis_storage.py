@@ -44,7 +44,7 @@ def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path)
     from nora_serve.vllm_plugin.cache import prepare_adapter, shared_basis_entry
 
     cache = tmp_path / "cache"
-    entries = {n: shared_basis_entry(prepare_adapter(p, base=base_dir, max_rank=64, cache_dir=cache).path)
+    entries = {n: shared_basis_entry(prepare_adapter(p, base=base_dir, max_rank=64, cache_dir=cache).path, cache)
                for n, p in shared.items()}
     assert all(e is not None for e in entries.values())
     assert entries["nora_a"].key == entries["nora_b"].key != entries["inttune_a"].key == entries["inttune_b"].key
@@ -53,7 +53,7 @@ def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path)
     assert entries["nora_a"].cores != entries["nora_b"].cores
     # A plain LoRA entry has no shared-basis part.
     lora = make_native_adapters(base_dir, tmp_path / "n", seed=1)["lora"]
-    assert shared_basis_entry(prepare_adapter(lora, base=base_dir, max_rank=64, cache_dir=cache).path) is None
+    assert shared_basis_entry(prepare_adapter(lora, base=base_dir, max_rank=64, cache_dir=cache).path, cache) is None
 
 
 def _st(kind, key=None, rank=8):
@@ -123,7 +123,8 @@ def test_step_limits_defer_past_the_caps(shared, base_dir, tmp_path):
              for n, p in {**shared, "lora": native["lora"], "dyrank": native["dyrank"],
                           "slora": native["slora"]}.items()}
     reqs = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(sorted(paths.items()))}
-    limits = StepLimits(NoraSettings(dense_loras=2, max_bases=1), max_loras=64)
+    # Only entries of the server's own cache are trusted: the settings name that cache.
+    limits = StepLimits(NoraSettings(dense_loras=2, max_bases=1, cache_dir=str(cache)), max_loras=64)
 
     class Running:
         def __init__(self, r):
@@ -137,7 +138,7 @@ def test_step_limits_defer_past_the_caps(shared, base_dir, tmp_path):
     limits.start_step([])
     assert limits.admit(reqs["inttune_a"]) and limits.admit(reqs["slora"])
     # core_rank 0 turns shared-basis storage off: every adapter is dense.
-    off = StepLimits(NoraSettings(core_rank=0, dense_loras=2), max_loras=64)
+    off = StepLimits(NoraSettings(core_rank=0, dense_loras=2, cache_dir=str(cache)), max_loras=64)
     off.start_step([])
     assert off.admit(reqs["nora_a"]) and off.admit(reqs["nora_b"]) and not off.admit(reqs["inttune_a"])
 
@@ -160,15 +161,30 @@ def test_nora_flags_reach_the_settings(base_dir):
                                                          "--nora-dense-loras", "0"]))
 
 
-def test_cpu_wrapper_applies_dense_and_shared_basis_slots():
+@pytest.mark.parametrize("packed", ["no", "segments", "stacked"],
+                         ids=["per-slice", "slice-packed", "slice-packed-stacked"])
+def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
     """add_nora_linear on the CPU: dense slots, two basis groups, an empty slot, a warm-up
-    dummy, no-adapter and padding rows, each row gets exactly its own ΔW x."""
+    dummy, no-adapter and padding rows, each row gets exactly its own ΔW x; with the weights
+    per slice and slice-packed as the layers keep them on the CPU."""
     import nora_layer_cases as cases
     from vllm.lora.layers import LoRAMapping
 
+    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
     from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
 
     lay, plan, want = cases.build()
+    if packed != "no":  # as layers.py packs them (dense index d up to its rank, group g up to its basis rank)
+        lay.nora_cpu = True
+        lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
+                                             [b[d, 0] for b in lay.lora_b_stacked], cases.SLICES)
+                                 for d in range(2)]
+        lay.nora_packed_basis = [pack_slices([a[g] for a in lay.nora_basis_a],
+                                             [b[g] for b in lay.nora_basis_b], cases.SLICES)
+                                 for g in range(2)]
+        lay.nora_dense_finite = [True, True]
+        stack = stack_packed(lay.nora_packed_dense) if packed == "stacked" else None
+        lay.nora_dense_stack = lambda: stack
     w = NoraPunicaWrapperCPU(64, 16, "cpu")
     w.update_metadata(LoRAMapping(cases.MAPPING, cases.MAPPING, is_prefill=True), cases.SLOT_IDS,
                       cases.MAX_LORAS, 100)

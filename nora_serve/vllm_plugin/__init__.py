@@ -3,7 +3,9 @@
 ``register()`` runs in every vLLM process. It installs wrappers (listed in ``hooks.py``) that
 do nothing unless ``additional_config["nora"]`` turns the plugin on, which ``--enable-nora``
 does on the command line and ``LLM(..., additional_config={"nora": {"enabled": True}})`` does
-offline.
+offline. Before installing anything it checks the vLLM version and that every symbol it
+patches exists (``hooks.PATCHED``); on any mismatch, or any error, it logs one line and leaves
+vLLM exactly as it is: installing nora-serve never breaks plain vLLM.
 """
 
 from __future__ import annotations
@@ -14,16 +16,28 @@ from .settings import KEY, NoraSettings
 
 __all__ = ["register", "KEY", "NoraSettings", "llm_kwargs"]
 
-logger = logging.getLogger("nora_serve.vllm_plugin")
+# Under vLLM's logger tree (without importing vLLM here), so that it shows in vLLM's logs.
+logger = logging.getLogger("vllm.nora")
+
+# Why the plugin stayed inert in this process (None: installed, or not asked yet).
+inert_reason: str | None = None
 
 
 def register() -> None:
+    global inert_reason
     try:
-        from .hooks import install_general_hooks
-    except ImportError:  # vLLM missing or too different: leave it alone
-        logger.exception("nora: vLLM plugin not installed")
-        return
-    install_general_hooks()
+        from . import hooks
+
+        problem = hooks.check_vllm()
+        if problem is None:
+            hooks.install_general_hooks()
+            return
+    except Exception as e:  # noqa: BLE001 - whatever it is, vLLM must keep working
+        problem = f"{type(e).__name__}: {e}"
+    if inert_reason is None:
+        logger.error("nora: plugin not installed, vLLM runs without it (--enable-nora unavailable): %s",
+                     problem)
+    inert_reason = problem
 
 
 def llm_kwargs(*, adapter_dir: str | None = None, cache_dir: str | None = None,

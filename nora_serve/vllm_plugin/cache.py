@@ -5,17 +5,29 @@ rank limit and the package version), so a changed adapter is converted again and
 unchanged one never is. An entry is built in a private temporary directory and renamed into
 place in one step: readers only ever see complete entries, and when several processes (the
 API server and tensor-parallel workers) convert the same adapter at once, the first rename
-wins and the others discard their copy. No vLLM import here.
+wins and the others discard their copy.
+
+Trust: an entry is used as it is only where this cache wrote it (:func:`trusted_entry`: its
+real path is ``<cache_dir>/<key>/adapter``, and the digest of its files equals the one its
+marker recorded); a ``nora-cache.json`` beside any other directory means nothing. Bound:
+:func:`enforce_limit` removes least recently used entries no loaded adapter uses;
+:func:`clean_stale_temporaries` removes what killed conversions left. No vLLM import here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +77,15 @@ def _file_digest(p: Path) -> str:
     return digest
 
 
-def content_digest(src: Path) -> str:
-    """sha256 over every (relative path, file digest) below ``src``, hidden files excluded."""
+def content_digest(src: Path, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over every (relative path, file digest) below ``src``, hidden files and the
+    top-level names in ``exclude`` excluded."""
     h = hashlib.sha256()
+    src = Path(src)
     files = sorted(
         p for p in src.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        and p.relative_to(src).parts[0] not in exclude
     )
     for p in files:
         h.update(str(p.relative_to(src)).encode() + b"\0" + _file_digest(p).encode() + b"\n")
@@ -108,9 +123,91 @@ def base_identity(base: str | Path | None) -> str:
     return _base_memo[key]
 
 
-def is_cache_entry(path: str | Path) -> bool:
-    p = Path(path)
-    return p.name == ADAPTER_SUBDIR and (p.parent / MARKER).is_file()
+# -- which entries are trusted ----------------------------------------------------------------
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def entry_digest(entry: Path) -> str:
+    """sha256 over the entry's own files (``adapter/``, the cores), marker and hidden files
+    excluded: recorded in the marker when the entry is written, recomputed before it is used."""
+    return content_digest(entry, exclude=(MARKER,))
+
+
+def read_marker(entry: Path) -> dict | None:
+    try:
+        meta = json.loads((Path(entry) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def trusted_entry(path: str | Path, cache_dir: str | Path) -> Path | None:
+    """The cache entry directory if ``path`` is the ``adapter/`` of an entry this cache wrote:
+    its real location is ``<cache_dir>/<key>/adapter``, its marker names that key, and the
+    digest of its files equals the one recorded when it was written. Anything else (a
+    directory elsewhere with a ``nora-cache.json`` beside it, an entry changed on disk) is
+    not trusted and goes through the full conversion and its checks."""
+    try:
+        p = Path(path).resolve(strict=True)
+        root = Path(cache_dir).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    entry = p.parent
+    if p.name != ADAPTER_SUBDIR or entry.parent != root or not _KEY.match(entry.name):
+        return None
+    meta = read_marker(entry)
+    if meta is None or meta.get("key") != entry.name or not isinstance(meta.get("digest"), str):
+        return None
+    try:
+        if entry_digest(entry) != meta["digest"]:
+            return None
+    except OSError:
+        return None
+    return entry
+
+
+def _touch(entry: Path) -> None:
+    """Record a use (the marker's mtime is the entry's last use, for eviction)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry / MARKER)
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory so that readers see it either whole or gone: renamed away first."""
+    trash = path.with_name(f".{path.name}.trash-{_tmp_tag()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tmp_tag() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def cache_key(src: Path, *, base, max_rank) -> str:
+    h = hashlib.sha256()
+    h.update(f"v={_package_version()}|rank={max_rank}|base={base_identity(base)}|".encode())
+    h.update(content_digest(src).encode())
+    return h.hexdigest()[:32]
+
+
+def lookup_entry(src: str | Path, *, base, max_rank, cache_dir: str | Path) -> Path | None:
+    """The trusted entry ``prepare_adapter`` would return for ``src`` if it exists already
+    (nothing is converted or written), else ``None``."""
+    try:
+        src_path = Path(src).expanduser().resolve(strict=True)
+        entry = trusted_entry(src_path, cache_dir)
+        if entry is not None:
+            return entry
+        if not src_path.is_dir():
+            return None
+        final = Path(cache_dir).expanduser() / cache_key(src_path, base=base, max_rank=max_rank)
+    except (OSError, RuntimeError):
+        return None
+    return trusted_entry(final / ADAPTER_SUBDIR, cache_dir)
 
 
 def prepare_adapter(
@@ -124,30 +221,34 @@ def prepare_adapter(
 
     Raises ``FileNotFoundError`` for a missing directory and the converters' ``AdapterError``
     (a ``ValueError`` naming file, module and tensor) for anything wrong with the adapter,
-    including a base-model fingerprint mismatch.
+    including a base-model fingerprint mismatch. Only entries this cache wrote are used as
+    they are (:func:`trusted_entry`); every other directory is read and checked in full.
     """
     src_path = Path(src).expanduser()
     if not src_path.is_dir():
         raise FileNotFoundError(f"{src}: no such adapter directory")
     src_path = src_path.resolve()
-    if is_cache_entry(src_path):
-        return Prepared(str(src_path), str(src_path), src_path.parent.name, None, False)
+    cache_dir = Path(cache_dir).expanduser()
+    entry = trusted_entry(src_path, cache_dir)
+    if entry is not None:
+        _touch(entry)
+        return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
 
     from nora_serve.converters import convert_adapter, detect_format
 
     fmt = detect_format(src_path)
-    h = hashlib.sha256()
-    h.update(f"v={_package_version()}|rank={max_rank}|base={base_identity(base)}|".encode())
-    h.update(content_digest(src_path).encode())
-    key = h.hexdigest()[:32]
+    key = cache_key(src_path, base=base, max_rank=max_rank)
 
-    cache_dir = Path(cache_dir)
     final = cache_dir / key
     if (final / MARKER).is_file():
-        return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, False)
+        if trusted_entry(final / ADAPTER_SUBDIR, cache_dir) is not None:
+            _touch(final)
+            return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, False)
+        _log().warning("nora: cache entry %s does not match its recorded digest; converting again", final)
+        _discard(final)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{_tmp_tag()}-", dir=cache_dir))
     try:
         report = convert_adapter(
             str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
@@ -158,11 +259,12 @@ def prepare_adapter(
         shared = _write_shared_basis(src_path, tmp, cache_dir)
         if shared:
             meta["shared_basis"] = shared
+        meta["digest"] = entry_digest(tmp)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
         except OSError:
-            if not (final / MARKER).is_file():
+            if trusted_entry(final / ADAPTER_SUBDIR, cache_dir) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, False)
@@ -188,7 +290,7 @@ def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:
     bases.mkdir(parents=True, exist_ok=True)
     final = bases / f"{split.key}.safetensors"
     if not final.is_file():
-        fd, tmp = tempfile.mkstemp(prefix=f".{split.key}.tmp-", dir=bases)
+        fd, tmp = tempfile.mkstemp(prefix=f".{split.key}.tmp-{_tmp_tag()}-", dir=bases)
         os.close(fd)
         try:
             save_file(split.basis, tmp)
@@ -197,7 +299,7 @@ def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:
             Path(tmp).unlink(missing_ok=True)
             raise
     return {"key": split.key, "rank": split.rank, "method": split.method,
-            "modules": len(split.cores)}
+            "modules": len(split.cores), "basis_digest": _file_digest(final)}
 
 
 @dataclass(frozen=True)
@@ -209,21 +311,156 @@ class SharedBasisEntry:
     basis: Path
 
 
-def shared_basis_entry(path: str | Path) -> SharedBasisEntry | None:
-    """The shared-basis parts of a cache entry (``.../<key>/adapter``), or ``None`` when the
-    entry is a plain LoRA only."""
-    p = Path(path)
-    if not is_cache_entry(p):
+def shared_basis_entry(path: str | Path, cache_dir: str | Path) -> SharedBasisEntry | None:
+    """The shared-basis parts of a trusted cache entry (``<cache_dir>/<key>/adapter``), or
+    ``None`` when the entry is a plain LoRA only (or not one this cache wrote)."""
+    entry = trusted_entry(path, cache_dir)
+    if entry is None:
+        return None
+    info = (read_marker(entry) or {}).get("shared_basis")
+    if not isinstance(info, dict) or not _KEY.match(str(info.get("key", ""))):
         return None
     try:
-        info = json.loads((p.parent / MARKER).read_text()).get("shared_basis")
-    except (OSError, ValueError):
+        found = SharedBasisEntry(str(info["key"]), int(info["rank"]), str(info["method"]),
+                                 entry / CORES_NAME, entry.parent / BASES_SUBDIR / f"{info['key']}.safetensors")
+    except (KeyError, TypeError, ValueError):
         return None
-    if not isinstance(info, dict):
+    if not (found.cores.is_file() and found.basis.is_file()):
         return None
-    entry = SharedBasisEntry(str(info["key"]), int(info["rank"]), str(info["method"]),
-                             p.parent / CORES_NAME, p.parent.parent / BASES_SUBDIR / f"{info['key']}.safetensors")
-    return entry if entry.cores.is_file() and entry.basis.is_file() else None
+    if info.get("basis_digest") != _file_digest(found.basis):
+        return None
+    return found
+
+
+# -- housekeeping: stale temporaries, the size bound ------------------------------------------
+_TMP = re.compile(r"^\.(?P<key>[0-9a-f]{32}|[^.]+)\.(?:tmp|trash)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-")
+STALE_AFTER_S = 6 * 3600  # a temporary of a live process older than this is removed too
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(cache_dir: str | Path) -> list[str]:
+    """Remove the temporaries of conversions that can no longer finish (their process is gone,
+    e.g. after a kill -9, or they are hours old). Returns the names removed."""
+    removed = []
+    host = _tmp_tag().rsplit("-", 1)[0]
+    now = time.time()
+    for folder in (Path(cache_dir), Path(cache_dir) / BASES_SUBDIR):
+        try:
+            names = [p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".trash-" in p.name)]
+        except OSError:
+            continue
+        for p in names:
+            m = _TMP.match(p.name)
+            try:
+                age = now - p.lstat().st_mtime
+            except OSError:
+                continue
+            # Called at start: a temporary named after this very process is a previous one's
+            # whose pid was reused.
+            dead = m is not None and m.group("host") == host and (
+                int(m.group("pid")) == os.getpid() or not _pid_alive(int(m.group("pid"))))
+            if dead or age > STALE_AFTER_S or (m is None and age > 3600):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p.name)
+    return removed
+
+
+def _tree_bytes(p: Path) -> int:
+    total = 0
+    for f in p.rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file() and not f.is_symlink():
+                total += f.stat().st_size
+    return total
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    entries: dict[str, tuple[float, int, str | None]]  # key -> (last use, bytes, basis key)
+    bases: dict[str, int]  # basis key -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.entries.values()) + sum(self.bases.values())
+
+
+def cache_usage(cache_dir: str | Path) -> CacheUsage:
+    cache_dir = Path(cache_dir)
+    entries: dict[str, tuple[float, int, str | None]] = {}
+    bases: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for p in cache_dir.iterdir():
+            if not _KEY.match(p.name) or not p.is_dir():
+                continue
+            try:
+                used = (p / MARKER).stat().st_mtime
+            except OSError:
+                used = 0.0
+            info = (read_marker(p) or {}).get("shared_basis")
+            entries[p.name] = (used, _tree_bytes(p), info.get("key") if isinstance(info, dict) else None)
+    with contextlib.suppress(OSError):
+        for f in (cache_dir / BASES_SUBDIR).iterdir():
+            if f.suffix == ".safetensors" and _KEY.match(f.stem):
+                bases[f.stem] = f.stat().st_size
+    return CacheUsage(entries, bases)
+
+
+def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use: set[str] | frozenset = frozenset()) -> list[str]:
+    """Keep the cache under ``max_bytes``: remove least recently used entries (by their last
+    use) that are not ``in_use`` (entry keys), then the bases no remaining entry needs.
+    Entries in use are never removed, so the cache may stay above the bound while they are
+    loaded. Returns the keys removed."""
+    if not max_bytes:
+        return []
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    import fcntl
+
+    removed: list[str] = []
+    with open(cache_dir / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        usage = cache_usage(cache_dir)
+        total = usage.total
+        if total <= max_bytes:
+            return []
+        entries = dict(usage.entries)
+        for key, (_, size, _) in sorted(entries.items(), key=lambda kv: kv[1][0]):
+            if total <= max_bytes:
+                break
+            if key in in_use:
+                continue
+            _discard(cache_dir / key)
+            del entries[key]
+            total -= size
+            removed.append(key)
+        needed = {b for _, _, b in entries.values() if b}
+        for bkey, size in usage.bases.items():
+            if bkey not in needed and removed:
+                with contextlib.suppress(OSError):
+                    (cache_dir / BASES_SUBDIR / f"{bkey}.safetensors").unlink()
+                total -= size
+    if removed:
+        _log().info("nora: cache over %.2f GB: removed %d least recently used entries (%.2f GB left)",
+                    max_bytes / 1e9, len(removed), total / 1e9)
+    return removed
+
+
+def _log():
+    return logging.getLogger("vllm.nora")
 
 
 def _jsonable(obj):

@@ -6,6 +6,7 @@ import os
 import sys
 
 from .settings import (
+    DEFAULT_CACHE_MAX_GB,
     DEFAULT_CORE_RANK,
     DEFAULT_MAX_BASES,
     DEFAULT_MAX_CPU_LORAS,
@@ -33,11 +34,23 @@ def add_nora_cli_args(parser) -> None:
     group.add_argument(
         "--nora-adapter-dir", default=None,
         help="Adapter store: every adapter directory in it is servable by its name on first "
-        "request (implies --enable-nora and runtime LoRA loading).",
+        "request (implies --enable-nora). Names are plain directory names; nothing outside the "
+        "store (symlinks included) is ever read. Does not open /v1/load_lora_adapter.",
+    )
+    group.add_argument(
+        "--nora-allow-runtime-loading", action="store_true", default=False,
+        help="Open vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (as "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 does): any client can then make the server read "
+        "any directory it can read. Use it only together with --api-key, on a trusted network.",
     )
     group.add_argument(
         "--nora-cache-dir", default=None,
         help="Where converted adapters are cached (default ~/.cache/nora-serve/adapters).",
+    )
+    group.add_argument(
+        "--nora-cache-max-gb", type=float, default=None, metavar="GB",
+        help=f"Bound of the cache (default {DEFAULT_CACHE_MAX_GB:g}; 0: none): least recently "
+        "used entries that no loaded adapter uses are removed once it is exceeded.",
     )
     group.add_argument(
         "--nora-skip-base-check", action="store_true", default=False,
@@ -80,6 +93,13 @@ def apply_nora_cli_args(engine_args, args) -> None:
             merged["cache_dir"] = os.path.abspath(args.nora_cache_dir)
         if getattr(args, "nora_skip_base_check", False):
             merged["check_base"] = False
+        if getattr(args, "nora_allow_runtime_loading", False):
+            merged["allow_runtime_loading"] = True
+        max_gb = getattr(args, "nora_cache_max_gb", None)
+        if max_gb is not None:
+            if not max_gb >= 0:  # also NaN
+                raise ValueError(f"--nora-cache-max-gb must be >= 0, got {max_gb}")
+            merged["cache_max_gb"] = float(max_gb)
         for flag, key in (("nora_dense_loras", "dense_loras"), ("nora_max_bases", "max_bases"),
                           ("nora_core_rank", "core_rank")):
             value = getattr(args, flag, None)
@@ -99,9 +119,9 @@ def apply_nora_cli_args(engine_args, args) -> None:
                           ("max_cpu_loras", "--max-cpu-loras"))
         if any(a == flag or a.startswith(flag + "=") for a in sys.argv)
     }
-    if settings.adapter_dir:
-        # The store resolves adapters by name at request time, which vLLM gates on this flag;
-        # it is read in this (API server) process only.
+    if settings.allow_runtime_loading:
+        # Asked for explicitly: vLLM attaches its load/unload routes on this flag (read in this
+        # API-server process only). The adapter store does not need it (see serving.py).
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     from .hooks import install_api_server_hooks
 

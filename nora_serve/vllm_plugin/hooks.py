@@ -9,6 +9,7 @@ Wrapped or replaced:
 | vllm.engine.arg_utils.EngineArgs.from_cli_args                           | wrapped  | front end  |
 | vllm.engine.arg_utils.EngineArgs.create_engine_config                    | wrapped  | front end  |
 | type(vllm.platforms.current_platform).get_punica_wrapper                 | wrapped  | all        |
+| type(vllm.platforms.current_platform).check_and_update_config (CPU)      | wrapped  | all        |
 | vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU                     | subclass | worker     |
 | vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU                     | subclass | worker     |
 | vllm.lora.worker_manager.WorkerLoRAManager._load_adapter                 | wrapped  | worker     |
@@ -24,6 +25,7 @@ Wrapped or replaced:
 | vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict | wrapped  | worker     |
 | vllm.entrypoints.openai.models.serving.OpenAIServingModels.__init__,     | wrapped  | API server |
 |   .load_lora_adapter, .resolve_lora, .show_available_models              |          |            |
+| vllm.entrypoints.serve.engine.serving.BaseServing._check_model           | wrapped  | API server |
 | vllm.lora.resolver.LoRAResolver                                          | subclass | API server |
 
 Relied on (signatures and behaviour): PunicaWrapperBase's token_lora_indices / sampler_indices /
@@ -39,8 +41,12 @@ engine_client.vllm_config / add_lora; vllm.config.get_current_vllm_config_or_non
 vllm.config.lora.LoRAConfig defaults; vllm.lora.request.LoRARequest (msgspec struct);
 vllm.lora.utils.get_adapter_absolute_path; vllm.exceptions.LoRAAdapterNotFoundError;
 vllm.entrypoints.serve.create_error_response and serve.engine.protocol.ErrorResponse;
-vllm.entrypoints.launchers.api_server.entry.main (nora-serve); vllm.logger.init_logger; and the
-env flag VLLM_ALLOW_RUNTIME_LORA_UPDATING, which vLLM reads to allow resolving adapters by name.
+vllm.entrypoints.launchers.api_server.entry.main (nora-serve); vllm.logger.init_logger;
+BaseServing._is_model_supported and .models; and the env flag VLLM_ALLOW_RUNTIME_LORA_UPDATING,
+which opens vLLM's load/unload routes (set only by --nora-allow-runtime-loading).
+
+The same list as data: ``PATCHED`` below; ``register()`` checks it (and the vLLM version)
+before installing anything.
 
 Every wrapper is inert unless ``additional_config["nora"]`` enables the plugin, so vLLM behaves
 exactly as before without ``--enable-nora``. Wrappers are installed at most once per process.
@@ -49,6 +55,90 @@ exactly as before without ``--enable-nora``. Wrappers are installed at most once
 from __future__ import annotations
 
 import functools
+
+# The table above as data: (module, attribute path) of every symbol wrapped, replaced or
+# subclassed. register() installs nothing unless the vLLM version is supported and every one
+# of these exists (check_vllm); tests/test_reliability.py checks them against the installed vLLM.
+SUPPORTED_VLLM = (0, 32)  # major, minor
+PATCHED: tuple[tuple[str, str], ...] = (
+    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
+    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
+    ("vllm.platforms", "current_platform.get_punica_wrapper"),
+    ("vllm.platforms", "current_platform.check_and_update_config"),
+    ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU"),
+    ("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU"),
+    ("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter"),
+    ("vllm.lora.worker_manager", "WorkerLoRAManager.add_dummy_lora"),
+    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._apply_adapters"),
+    ("vllm.lora.model_manager", "LoRAModelManager._create_lora_modules"),
+    ("vllm.lora.model_manager", "LoRAModelManager.activate_adapter"),
+    ("vllm.lora.utils", "_all_lora_classes"),
+    ("vllm.lora.layers", "ColumnParallelLinearWithLoRA"),
+    ("vllm.lora.layers", "MergedColumnParallelLinearWithLoRA"),
+    ("vllm.lora.layers", "QKVParallelLinearWithLoRA"),
+    ("vllm.lora.layers", "MergedQKVParallelLinearWithLoRA"),
+    ("vllm.lora.layers", "RowParallelLinearWithLoRA"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._handle_blocked_waiting_request"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_prompt_logprobs_dict"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.__init__"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.show_available_models"),
+    ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
+    ("vllm.lora.resolver", "LoRAResolver"),
+)
+# Imported only where they are used (a CUDA platform): elsewhere their check is skipped.
+GPU_ONLY_MODULES = frozenset({"vllm.lora.punica_wrapper.punica_gpu"})
+
+
+def missing_symbols(*, gpu: bool | None = None) -> list[str]:
+    """``module:attribute`` of every entry of :data:`PATCHED` that the installed vLLM lacks.
+    ``gpu``: also import the GPU-only modules (default: where the platform is CUDA-like)."""
+    import importlib
+
+    if gpu is None:
+        try:
+            from vllm.platforms import current_platform
+
+            gpu = bool(current_platform.is_cuda_alike())
+        except Exception:
+            gpu = False
+    missing = []
+    for module, path in PATCHED:
+        if module in GPU_ONLY_MODULES and not gpu:
+            continue
+        try:
+            obj = importlib.import_module(module)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except Exception as e:  # ImportError, AttributeError, or the module failing to import
+            missing.append(f"{module}:{path} ({type(e).__name__})")
+    return missing
+
+
+def check_vllm() -> str | None:
+    """Why the plugin cannot install into this vLLM, or ``None`` when it can."""
+    try:
+        import vllm
+    except Exception as e:
+        return f"vLLM cannot be imported ({type(e).__name__}: {e})"
+    version = str(getattr(vllm, "__version__", ""))
+    parts = version.split(".")
+    try:
+        got = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x"))
+    except (IndexError, ValueError):
+        got = None
+    if got != SUPPORTED_VLLM:
+        want = ".".join(map(str, SUPPORTED_VLLM))
+        return f"vLLM {version or '(unknown version)'} is not supported (nora-serve needs vLLM {want}.x)"
+    missing = missing_symbols()
+    if missing:
+        return (f"vLLM {version} lacks {len(missing)} symbol(s) the plugin patches: "
+                + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+    return None
 
 
 _installed: set[str] = set()
@@ -117,6 +207,42 @@ def install_general_hooks() -> None:
         platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
 
     install_scheduler_hooks()
+    install_compile_hook()
+
+
+def install_compile_hook() -> None:
+    """Keep torch.compile on when nora serves adapters on the CPU.
+
+    vLLM's CPU platform turns compilation off whenever LoRA is configured (its LoRA ops branch on
+    tensor values). The nora CPU wrapper's entry points are one opaque custom op under tracing
+    (``opaque.py``), so the compiled graph never sees the per-step routing: the platform's
+    config pass runs as if LoRA were off, and LoRA is put back after it. An explicit
+    ``--enforce-eager`` / compilation mode 0 stays as the user set it; fully sharded LoRA
+    layers (which call the wrapper's shrink/expand with their own buffers) keep vLLM's choice."""
+    if not _once("compile"):
+        return
+    from vllm.platforms import current_platform
+
+    from .settings import settings_of
+
+    platform_cls = type(current_platform)
+    if platform_cls.__name__ != "CpuPlatform":
+        return
+    orig = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(orig)
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora = vllm_config.lora_config
+        st = settings_of(vllm_config)
+        if lora is None or st is None or not st.compile or lora.fully_sharded_loras:
+            return orig(cls, vllm_config)
+        vllm_config.lora_config = None
+        try:
+            orig(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
 def install_scheduler_hooks() -> None:
@@ -136,7 +262,8 @@ def install_scheduler_hooks() -> None:
     def __init__(self, *a, **kw):
         orig_init(self, *a, **kw)
         st = settings_of(self.vllm_config)
-        self._nora_limits = (StepLimits(st, self.lora_config.max_loras)
+        self._nora_limits = (StepLimits(st, self.lora_config.max_loras, self.lora_config,
+                                        getattr(self.vllm_config.model_config, "model", None))
                              if st is not None and self.lora_config is not None else None)
 
     @functools.wraps(orig_schedule)
@@ -235,6 +362,19 @@ def _install_shared_basis_hooks() -> None:
         manager = self._adapter_manager
         manager._nora_batch = {r.lora_int_id for r in lora_requests if r}
         try:
+            # vLLM's add_adapter asks `id in self.list_adapters()`, a copy of every registered
+            # adapter, once per adapter of the step: O(step x resident), 30% of the worker's
+            # time with 1024 resident. An adapter already registered only needs what its
+            # "already loaded" branch does (touch, activate); the others go the stock way.
+            if len(manager._nora_batch) <= manager.lora_slots:
+                rest = set()
+                for r in lora_requests:
+                    if r and not r.load_inplace and r.lora_int_id in manager._registered_adapters:
+                        manager.get_adapter(r.lora_int_id)  # touch (LRU)
+                        manager.activate_adapter(r.lora_int_id)
+                    elif r:
+                        rest.add(r)
+                lora_requests = rest
             return orig_apply(self, lora_requests)
         finally:
             manager._nora_batch = None
@@ -291,3 +431,13 @@ def install_api_server_hooks() -> None:
         OpenAIServingModels.load_lora_adapter = load_lora_adapter
         OpenAIServingModels.resolve_lora = resolve_lora
         OpenAIServingModels.show_available_models = show_available_models
+
+        from vllm.entrypoints.serve.engine.serving import BaseServing
+
+        orig_check = BaseServing._check_model
+
+        @functools.wraps(orig_check)
+        async def _check_model(self, request):
+            return await serving.check_model(self, orig_check, request)
+
+        BaseServing._check_model = _check_model

@@ -27,7 +27,9 @@ from vllm.lora.layers import (
 )
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-from . import storage
+from nora_serve.kernels import cpu_step
+
+from . import opaque, storage
 from .storage import BASIS, DENSE
 
 
@@ -52,8 +54,19 @@ class SharedBasisLayerMixin:
         self.nora_basis_b = [torch.zeros(G, b.shape[2], R, dtype=dt, device=dev) for b in self.lora_b_stacked]
         self.nora_cores = [torch.zeros(max_loras * R * R, dtype=dt, device=dev) for _ in range(self.n_slices)]
         self.nora_core_ranks = torch.zeros(self.n_slices, max_loras, dtype=torch.int32, device=dev)
+        # Rank of each resident basis per slice: every core of that group is stored at it.
+        self.nora_group_rank = [[0] * G for _ in range(self.n_slices)]
         self.nora_group_key: list[str | None] = [None] * G
         self._nora_dense_call = False
+        # CPU: each dense index's and each group's weights with the slices packed together
+        # (``kernels.cpu_step.pack_slices``), rebuilt when a slot or basis is set.
+        self.nora_cpu = dev.type == "cpu" if isinstance(dev, torch.device) else str(dev) == "cpu"
+        self.nora_packed_dense: list = [None] * plan.dense_slots
+        self.nora_dense_finite: list[bool] = [True] * plan.dense_slots
+        self._nora_stack: cpu_step.Stack | None = None
+        self._nora_stack_dirty = False
+        self.nora_packed_basis: list = [None] * G
+        self._nora_key = opaque.register(self)  # how the compiled graph's op finds this layer
 
     # -- slots -----------------------------------------------------------------------------
     def _activation(self, index: int) -> storage.Activation:
@@ -70,20 +83,56 @@ class SharedBasisLayerMixin:
         finally:
             self._nora_dense_call = False
 
+    def _clear_cores(self, index: int) -> None:
+        R = self.nora_plan.core_rank
+        self.nora_core_ranks[:, index] = 0
+        for cores in self.nora_cores:  # the CPU path reads a group's cores as whole blocks
+            cores[index * R * R:(index + 1) * R * R].zero_()
+
     def reset_lora(self, index: int):
         if self._nora_dense_call:  # the stock set_lora clearing a dense index
+            self._set_packed_dense(index, None)
             return BaseLinearLayerWithLoRA.reset_lora(self, index)
-        self.nora_core_ranks[:, index] = 0
+        self._clear_cores(index)
         act = storage.current_activation()
         if act is not None and act.slot == index and act.dense >= 0:
+            self._set_packed_dense(act.dense, None)
             BaseLinearLayerWithLoRA.reset_lora(self, act.dense)
+
+    def _pack_dense(self, d: int, rank: int) -> None:
+        """Slice-pack dense index ``d`` as the stock set_lora stored it (TP-sliced), read up to
+        the adapter's rank."""
+        r = min(rank, self.lora_a_stacked[0].shape[-2])
+        a = [t[d, 0, :r] for t in self.lora_a_stacked]
+        b = [t[d, 0, :, :r] for t in self.lora_b_stacked]
+        self._set_packed_dense(d, cpu_step.pack_slices(a, b, self.output_slices))
+
+    def _set_packed_dense(self, d: int, packed) -> None:
+        if not self.nora_cpu:
+            return
+        self.nora_packed_dense[d] = packed
+        # A non-finite adapter never joins the stack (its zeros would not mask it out there).
+        self.nora_dense_finite[d] = packed is None or bool(
+            torch.isfinite(packed[0]).all() and torch.isfinite(packed[1]).all())
+        self._nora_stack_dirty = True
+
+    def nora_dense_stack(self) -> cpu_step.Stack | None:
+        """All finite dense slots side by side (``cpu_step.stacked_lora_linear``), rebuilt
+        after a dense slot changed."""
+        if self._nora_stack_dirty:
+            self._nora_stack = cpu_step.stack_packed(
+                [p if ok else None for p, ok in zip(self.nora_packed_dense, self.nora_dense_finite)])
+            self._nora_stack_dirty = False
+        return self._nora_stack
 
     def set_lora(self, index: int, lora_a, lora_b):
         act = self._activation(index)
-        self.nora_core_ranks[:, index] = 0
+        self._clear_cores(index)
         if act.storage.kind == DENSE:
             with self._dense_call():
                 super().set_lora(act.dense, lora_a, lora_b)
+            if self.nora_cpu:
+                self._pack_dense(act.dense, act.storage.rank or self.lora_a_stacked[0].shape[-2])
         elif act.storage.kind == BASIS:
             self._load_basis(act)
             cores = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
@@ -91,8 +140,10 @@ class SharedBasisLayerMixin:
             for i, core in enumerate(cores):
                 if core is None:
                     continue
-                r = core.shape[0]
-                self.nora_cores[i][index * R * R : index * R * R + r * r].copy_(core.reshape(-1))
+                # Stored at the group's basis rank (zero-padded if smaller): one size per group.
+                r = max(core.shape[0], self.nora_group_rank[i][act.group])
+                block = self.nora_cores[i][index * R * R : index * R * R + r * r].view(r, r)
+                block[: core.shape[0], : core.shape[1]].copy_(core)
                 self.nora_core_ranks[i, index] = r
 
     def _load_basis(self, act: storage.Activation) -> None:
@@ -115,11 +166,19 @@ class SharedBasisLayerMixin:
         for i in range(self.n_slices):
             self.nora_basis_a[i][g].zero_()
             self.nora_basis_b[i][g].zero_()
+            self.nora_group_rank[i][g] = 0
             if a[i] is not None:
                 r = a[i].shape[0]
                 self.nora_basis_a[i][g, :r].copy_(a[i])
                 self.nora_basis_b[i][g, :, :r].copy_(b[i])
+                self.nora_group_rank[i][g] = r
         self.nora_group_key[g] = st.basis_key
+        if self.nora_cpu:
+            rk = [self.nora_group_rank[i][g] for i in range(self.n_slices)]
+            self.nora_packed_basis[g] = cpu_step.pack_slices(
+                [self.nora_basis_a[i][g, :r] if r else None for i, r in enumerate(rk)],
+                [self.nora_basis_b[i][g, :, :r] if r else None for i, r in enumerate(rk)],
+                self.output_slices)
 
     # -- forward ---------------------------------------------------------------------------
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -128,6 +187,10 @@ class SharedBasisLayerMixin:
             output, x = output.flatten(0, 1), x.flatten(0, 1)
         self.punica_wrapper.add_nora_linear(output, x, self)
         return output.reshape(shape)
+
+    def nora_eager(self, call, y, x, weights, scale, sizes) -> None:
+        """Run time of the compiled graph's ``nora::cpu_lora`` op for this layer."""
+        self.punica_wrapper.nora_linear_eager(y, x, self)
 
     def nora_storage_bytes(self) -> dict[str, int]:
         def size(ts):

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from nora_serve import kernels
+from nora_serve.kernels import cpu_step
 
-from .punica_nora import NoraLinearOpsMixin
+from . import opaque, storage
 
 # The hidden states whose row slices vLLM hands to ``compute_logits`` while computing prompt
 # logprobs (set by the model-runner hook in ``hooks.py``): row i is scheduled token i.
@@ -61,66 +61,132 @@ def _w(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return w[0] if w.dim() == 3 else w
 
 
-class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
-    """Drop-in for ``PunicaWrapperCPU`` with correct no-adapter rows and prompt-logprob logits,
-    and the forward of the shared-basis layers."""
+class NoraPunicaWrapperCPU(PunicaWrapperCPU):
+    """Drop-in for ``PunicaWrapperCPU``: correct no-adapter rows and prompt-logprob logits, each
+    adapter read only to its true rank, and the shared-basis layers' forward.
+
+    Everything that depends on the step's token -> slot table is built once per step in
+    ``update_metadata`` (:class:`Step`); a layer's call only runs tensor ops on it. Under
+    torch.compile every entry point is one opaque op (``opaque.py``) that calls back here at
+    run time, so no step's routing is baked into the graph."""
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         from . import hooks
 
         hooks.install_worker_hooks()
+        self._nora_key = opaque.register(self)
+        self._step: Step | None = None
+        self._live: dict[tuple, bool] = {}  # (stack address, slot, adapter id) -> non-zero
 
-    # -- the per-row slot table for linear layers ------------------------------------------------
-    def _token_slots(self, n: int) -> torch.Tensor:
-        return _rows(self.token_lora_indices, n)
-
+    # -- per step ------------------------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
-        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self._meta_cache: dict = {}
+        # vLLM's index tables only: its prefill (sgmv) segment tables feed ops this wrapper
+        # replaces, and cost host syncs every step.
+        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        self.is_prefill = False
         from .worker import slot_ranks
 
-        # Per-slot rank bound: the kernels read no further than this (unknown: the full rank).
-        self._slot_ranks = torch.tensor(slot_ranks(lora_index_to_id), dtype=torch.int32)
-        self._nora_refresh()
+        ids = tuple(lora_index_to_id)
+        if self._step is None or self._step.ids != ids:
+            self._live.clear()
+        plan = storage.current_plan()
+        self._step = Step(self.token_lora_indices, ids, slot_ranks(lora_index_to_id), plan)
+        if plan is not None:  # routes follow later plan changes by themselves (_step_for)
+            plan.refreshed_version = plan.version
 
-    def _nora_rows(self) -> int:
-        return self.token_lora_indices.numel()
-
-    def _nora_token_slots(self, n: int) -> torch.Tensor:
-        return self._token_slots(n).to(torch.int32)
-
-    def _nora_meta(self, tokens: torch.Tensor, num_slots: int, tag: str):
-        return kernels.build_segment_meta(tokens, num_slots)
-
-    def _meta(self, slots: torch.Tensor, max_loras: int):  # slots = self._token_slots(n)
-        """Segment metadata for a slot table, built once per step and row count."""
-        cache = getattr(self, "_meta_cache", None)
-        if cache is None:
-            cache = self._meta_cache = {}
-        key = (slots.numel(), max_loras)  # the table for n rows is fixed within a step
-        if key not in cache:
-            cache[key] = kernels.build_segment_meta(slots.to(torch.int32), max_loras)
-        return cache[key]
-
-    def _full_ranks(self, stacked: torch.Tensor, rank_dim: int) -> torch.Tensor:
-        """Rank to read per slot: the loaded adapter's rank (slots are zero past it), capped by
-        the stacked (padded) rank."""
-        full = stacked.shape[rank_dim]
-        ranks = getattr(self, "_slot_ranks", None)
-        if ranks is None or ranks.numel() != stacked.shape[0]:
-            return torch.full((stacked.shape[0],), full, dtype=torch.int32)
-        return torch.clamp(ranks, max=full)
-
-    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked,
-                        scale: float, output_slices, *, buffer=None, **kwargs: Any) -> None:
-        y2 = y.view(-1, y.shape[-1])
-        x2 = x.view(-1, x.shape[-1])
-        meta = self._meta(self._token_slots(x2.shape[0]), lora_a_stacked[0].shape[0])
-        kernels.lora_linear(y2, x2, list(lora_a_stacked), list(lora_b_stacked), meta,
-                      self._full_ranks(lora_a_stacked[0], -2), scale, 0)
+    def _step_for(self, n: int, plan=None) -> "Step":
+        """This step's tables for ``n`` rows (rows past the mapping are padding: no adapter),
+        with the shared-basis slot ``plan`` of the calling layer."""
+        step = self._step
+        if step is None:  # before any mapping (profiling runs): no adapter anywhere
+            step = self._step = Step(self.token_lora_indices, (), [], None)
+        if plan is not None and (step.plan is not plan or step.plan_version != plan.version):
+            # Slots were placed after this mapping was built: rebuild.
+            step = self._step = Step(step.slots_src, step.ids, step.ranks, plan)
+        if n < step.rows:
+            return step.first(n)
+        return step
 
     # -- linear layers -----------------------------------------------------------------------
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked,
+                        scale: float, output_slices, *, buffer=None, **kwargs: Any) -> None:
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            torch.ops.nora.cpu_lora(y2, x2, self._nora_key, "linear",
+                                    [*lora_a_stacked, *lora_b_stacked], float(scale), [])
+            return
+        self._linear(y2, x2, list(lora_a_stacked), list(lora_b_stacked), scale)
+
+    def _linear(self, y, x, lora_a, lora_b, scale) -> None:
+        step = self._step_for(x.shape[0])
+        n = step.rows
+        route = step.route("slots")
+        ranks = [step.ranks] * len(lora_a)
+        cpu_step.lora_linear(y[:n], x[:n], lora_a, lora_b, route, ranks, scale, 0)
+
+    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, layer) -> None:
+        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage."""
+        if torch.compiler.is_compiling():
+            torch.ops.nora.cpu_lora(y, x, layer._nora_key, "nora", [], 1.0, [])
+            return
+        self.nora_linear_eager(y, x, layer)
+
+    def nora_linear_eager(self, y: torch.Tensor, x: torch.Tensor, layer) -> None:
+        step = self._step_for(x.shape[0], layer.nora_plan)
+        n = step.rows
+        y, x = y[:n], x[:n]
+        packed = getattr(layer, "nora_cpu", False)
+        dense = step.route("dense")
+        if dense.mode != cpu_step.NONE:
+            stack = layer.nora_dense_stack() if packed and dense.mode == cpu_step.SEG else None
+            if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
+                    and all(layer.nora_dense_finite[s] for s in dense.slots)):
+                cpu_step.stacked_lora_linear(y, x, stack, step.table("dense"))
+            elif packed:
+                cpu_step.packed_lora_linear(y, x, layer.nora_packed_dense, dense)
+            else:
+                cpu_step.lora_linear(y, x, list(layer.lora_a_stacked), list(layer.lora_b_stacked),
+                                     dense, [step.dense_ranks] * len(layer.lora_a_stacked), 1.0, 0)
+        groups = step.groups()
+        if not any(g is not None for g in groups):
+            return
+        R = step.plan.core_rank
+        L = step.plan.max_loras
+
+        def cores(i: int, r: int) -> torch.Tensor:  # slice i's cores as [L, r, r] views
+            return layer.nora_cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
+
+        for g, grp in enumerate(groups):
+            if grp is None:
+                continue
+            if packed:
+                basis = layer.nora_packed_basis[g]
+                if basis is not None:
+                    cpu_step.packed_shared_basis_linear(
+                        y, x, basis, [cores(i, r) for i, r in enumerate(basis[2])],
+                        grp.core_idx, grp.mask, grp.slot)
+                continue
+            off = 0
+            for i, width in enumerate(layer.output_slices):
+                r = layer.nora_group_rank[i][g]
+                if r:
+                    cpu_step.shared_basis_linear(
+                        y, x, layer.nora_basis_a[i][g, :r], layer.nora_basis_b[i][g, :, :r],
+                        cores(i, r), grp.core_idx, grp.mask, grp.slot, off)
+                off += width
+
+    def nora_eager(self, call, y, x, weights, scale, sizes) -> None:
+        """Run time of the compiled graph's ``nora::cpu_lora`` op for this wrapper."""
+        if call == "linear":
+            k = len(weights) // 2
+            self._linear(y, x, weights[:k], weights[k:], scale)
+        elif call == "embedding":
+            self._embedding(y, x, weights[0], bool(sizes[0]))
+        else:
+            raise ValueError(f"nora: unknown call {call!r}")
+
+    # -- other stock layers (fully sharded LoRA): a loop per slot, correct no-adapter rows ---
     def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any):
         """``y[i][t, :r] = scale * x[t] @ A_i[slot_t].T`` for rows with an adapter, 0 elsewhere."""
         x = x.view(-1, x.shape[-1])
@@ -152,17 +218,43 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
                 view.index_add_(0, rows, delta[:, :n])
             off += n
 
+    def _token_slots(self, n: int) -> torch.Tensor:
+        return _rows(self.token_lora_indices, n)
+
+    # -- embeddings and logits: skipped unless an adapter of the step has weights there -------
+    def _any_live(self, stacked: torch.Tensor, slots) -> bool:
+        """Whether a slot in ``slots`` holds non-zero weights in ``stacked`` (adapters without an
+        embedding / lm_head part leave their slot of these stacks all zero)."""
+        ids = self._step.ids if self._step is not None else ()
+        for s in slots:
+            if s < 0:
+                continue
+            key = (stacked.data_ptr(), s, ids[s] if s < len(ids) else None)
+            live = self._live.get(key)
+            if live is None:
+                live = self._live[key] = bool(stacked[s].any())
+            if live:
+                return True
+        return False
+
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
                            add_inputs: bool = True, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.nora.cpu_lora(y.view(-1, y.shape[-1]), x, self._nora_key, "embedding",
+                                    [lora_b_stacked], 1.0, [int(add_inputs)])
+            return
+        self._embedding(y.view(-1, y.shape[-1]), x, lora_b_stacked, add_inputs)
+
+    def _embedding(self, y2: torch.Tensor, x: torch.Tensor, lora_b_stacked, add_inputs) -> None:
         """``y += x @ B[slot].T`` row by row (embedding LoRA only needs the expand)."""
-        y2 = y.view(-1, y.shape[-1])
-        groups = _groups(self._token_slots(y2.shape[0]))
         if not add_inputs:
             y2.zero_()
-        for slot, rows in groups:
+        if not self._any_live(lora_b_stacked, self._step_for(y2.shape[0]).route("slots").slots):
+            return
+        for slot, rows in _groups(self._token_slots(y2.shape[0])):
             b = _w(lora_b_stacked, slot)
             r = b.shape[-1]
-            delta = x.index_select(0, rows)[:, :r].to(y.dtype) @ b.to(y.dtype).T
+            delta = x.index_select(0, rows)[:, :r].to(y2.dtype) @ b.to(y2.dtype).T
             n = min(delta.shape[1], y2.shape[1])
             y2[:, :n].index_add_(0, rows, delta[:, :n])
 
@@ -191,16 +283,89 @@ class NoraPunicaWrapperCPU(NoraLinearOpsMixin, PunicaWrapperCPU):
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs: Any) -> None:
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
-        if lora_b_stacked.shape[-2] <= y2.shape[1]:
-            slots = self._logits_slots(x2).to(torch.int32)
-            meta = kernels.build_segment_meta(slots, lora_a_stacked.shape[0])
-            kernels.lora_linear(y2, x2, [lora_a_stacked], [lora_b_stacked], meta,
-                          self._full_ranks(lora_a_stacked, -2), float(scale), 0)
+        if self._step is None or not self._any_live(lora_b_stacked, self._step.route("slots").slots):
             return
-        for slot, rows in _groups(self._logits_slots(x2)):
+        slots = self._logits_slots(x2)
+        route = cpu_step.build_route(slots)
+        ranks = self._step.ranks if self._step is not None else []
+        if lora_b_stacked.shape[-2] <= y2.shape[1]:
+            cpu_step.lora_linear(y2, x2, [lora_a_stacked], [lora_b_stacked], route, [ranks], float(scale), 0)
+            return
+        for slot, rows in _groups(slots):
             a = _w(lora_a_stacked, slot).float()  # [r, hidden]
             b = _w(lora_b_stacked, slot)  # [vocab, r]
             h = scale * (x2.index_select(0, rows).float() @ a.T)
             delta = h.to(y.dtype) @ b.to(y.dtype).T
             n = min(delta.shape[1], y2.shape[1])
             y2[:, :n].index_add_(0, rows, delta[:, :n])
+
+
+class _Group:
+    """One basis group's rows in a step: ``core_idx`` per row (``None``: all rows use ``slot``),
+    ``mask`` of the group's rows (``None``: every row)."""
+
+    __slots__ = ("core_idx", "mask", "slot")
+
+    def __init__(self, core_idx, mask, slot):
+        self.core_idx, self.mask, self.slot = core_idx, mask, slot
+
+
+class Step:
+    """What one step's token -> slot table means for every layer, computed once.
+
+    ``route("slots")``: rows -> stacked slot (stock layers); ``route("dense")``: rows -> dense
+    index of the shared-basis layers' stack; ``groups()``: per basis group, which rows use it
+    and with which slot's core. Built lazily, each at most once per step."""
+
+    def __init__(self, slots_src: torch.Tensor, ids: tuple, ranks: list[int], plan):
+        self.slots_src = slots_src
+        self.rows = int(slots_src.numel())
+        self.slots = slots_src.to(torch.int64)
+        self.ids, self.ranks, self.plan = ids, ranks, plan
+        self.plan_version = plan.version if plan is not None else None
+        self._routes: dict[str, cpu_step.Route] = {}
+        self._tables: dict[str, torch.Tensor] = {}
+        self._groups: list | None = None
+        self._firsts: dict[int, Step] = {}
+        self.dense_ranks = plan.dense_ranks.tolist() if plan is not None else []
+
+    def first(self, n: int) -> "Step":
+        if n not in self._firsts:
+            self._firsts[n] = Step(self.slots_src[:n], self.ids, self.ranks, self.plan)
+        return self._firsts[n]
+
+    def table(self, tag: str) -> torch.Tensor:
+        """Per-row index into a stack (int64, -1: none): ``slots`` or ``dense`` indices."""
+        if tag not in self._tables:
+            if tag == "slots":
+                self._tables[tag] = self.slots
+            else:  # "dense"
+                valid = self.slots >= 0
+                safe = self.slots.clamp(min=0)
+                self._tables[tag] = torch.where(valid, self.plan.dense_of_slot[safe].long(), -1)
+        return self._tables[tag]
+
+    def route(self, tag: str) -> cpu_step.Route:
+        if tag not in self._routes:
+            self._routes[tag] = cpu_step.build_route(self.table(tag))
+        return self._routes[tag]
+
+    def groups(self) -> list:
+        if self._groups is None:
+            plan, out = self.plan, []
+            if plan is not None and self.rows:
+                valid = self.slots >= 0
+                safe = self.slots.clamp(min=0)
+                group = torch.where(valid, plan.group_of_slot[safe].long(), -1)
+                whole = self.route("slots")
+                for g in range(plan.max_groups):
+                    mask = group == g
+                    count = int(mask.sum())
+                    if count == 0:
+                        out.append(None)
+                    elif count == self.rows and whole.mode == cpu_step.ALL:
+                        out.append(_Group(None, None, whole.slot))
+                    else:
+                        out.append(_Group(safe, None if count == self.rows else mask.unsqueeze(1), -1))
+            self._groups = out
+        return self._groups

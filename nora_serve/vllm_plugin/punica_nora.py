@@ -1,4 +1,5 @@
-"""The forward of the shared-basis layers (``layers.py``), for both punica wrappers.
+"""The forward of the shared-basis layers (``layers.py``) on the GPU punica wrapper (the CPU
+wrapper has its own, on ``kernels.cpu_step``: see ``punica_cpu.py``).
 
 Per step, the token -> slot table becomes one table for the dense stack (slot -> dense index)
 and one per basis group (the slot itself, -1 for tokens of other groups). Their segment
@@ -19,8 +20,8 @@ from . import storage
 
 
 class NoraLinearOpsMixin:
-    # CPU: skip groups without tokens (a host check is free there). GPU: run every group, so
-    # the work does not depend on tensor values (CUDA graphs).
+    # Skip groups without tokens only where a host check is free; the GPU wrapper runs every
+    # group, so that the work does not depend on tensor values (CUDA graphs).
     _nora_skip_idle = True
     # (rows, plan version, [(tag, num_slots, meta or None)]) of the last build.
     _nora_built: tuple | None = None

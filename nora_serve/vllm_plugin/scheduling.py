@@ -3,50 +3,87 @@ most ``G`` distinct bases in one step (vLLM itself caps only the adapters, at ``
 
 A waiting request whose adapter would exceed either cap waits for a later step, exactly as vLLM
 defers one that would exceed ``--max-loras``. An adapter's kind is read from its cache entry
-(the API server converts adapters before they reach the scheduler). No vLLM import here.
+(the API server converts adapters before they reach the scheduler) with :func:`adapter_kind`,
+the rule the workers' slot plan uses too: what this admits, the plan can hold. No vLLM import
+here.
 """
 
 from __future__ import annotations
 
-from .cache import shared_basis_entry
+from pathlib import Path
+
+from .cache import ADAPTER_SUBDIR, lookup_entry, shared_basis_entry
+
+# The kind of an adapter the scheduler cannot see yet (offline: the worker converts it in the
+# step that first needs it): counted as a dense adapter *and* as a basis of its own.
+UNKNOWN = "?"
+
+
+def adapter_kind(settings, lora_config, path: str):
+    """The shared-basis entry an adapter is stored by (cores on a resident basis), or ``None``
+    when it takes a dense slot. One rule for the scheduler and the workers."""
+    if not settings.shared_basis_for(lora_config):
+        return None
+    entry = shared_basis_entry(path, settings.cache_path)
+    return entry if entry is not None and settings.keeps_as_cores(entry.rank) else None
 
 
 class StepLimits:
-    def __init__(self, settings, max_loras: int):
+    def __init__(self, settings, max_loras: int, lora_config=None, model_dir: str | None = None):
         self.dense_cap = settings.dense_slots(max_loras)
         self.basis_cap = settings.max_bases
         self.settings = settings
-        self._kinds: dict[int, str | None] = {}  # lora_int_id -> basis key, None = dense
+        self.lora_config = lora_config
+        # The same base and rank limit the API server and the workers convert with.
+        self.base = model_dir if settings.check_base and model_dir and Path(model_dir).is_dir() else None
+        # (lora_int_id, path) -> basis key, None = dense
+        self._kinds: dict[tuple[int, str], str | None] = {}
         self.dense: set[int] = set()
         self.bases: set[str] = set()
 
     def kind(self, lora_request) -> str | None:
-        lid = lora_request.lora_int_id
-        if lid not in self._kinds:
-            entry = shared_basis_entry(lora_request.lora_path) if self.settings.shared_basis else None
-            self._kinds[lid] = entry.key if entry is not None and self.settings.keeps_as_cores(entry.rank) else None
-        return self._kinds[lid]
+        k = (lora_request.lora_int_id, str(lora_request.lora_path))
+        if k not in self._kinds:
+            if len(self._kinds) > 65536:
+                self._kinds.clear()
+            path = str(lora_request.lora_path)
+            if self.settings.shared_basis_for(self.lora_config):
+                found = lookup_entry(path, base=self.base, cache_dir=self.settings.cache_path,
+                                     max_rank=getattr(self.lora_config, "max_lora_rank", None))
+                if found is None:
+                    return UNKNOWN  # asked again next step, once the worker has converted it
+                path = str(found / ADAPTER_SUBDIR)
+            entry = adapter_kind(self.settings, self.lora_config, path)
+            self._kinds[k] = entry.key if entry is not None else None
+        return self._kinds[k]
 
     def start_step(self, running) -> None:
         self.dense, self.bases = set(), set()
         for req in running:  # already placed: counted whatever the caps say
             if req.lora_request and req.lora_request.lora_int_id > 0:
-                key = self.kind(req.lora_request)
-                if key is None:
+                dense, basis = self._needs(req.lora_request)
+                if dense:
                     self.dense.add(req.lora_request.lora_int_id)
-                else:
-                    self.bases.add(key)
+                if basis:
+                    self.bases.add(basis)
+
+    def _needs(self, lora_request) -> tuple[bool, str | None]:
+        """(takes a dense slot, the basis it takes) for this request's adapter."""
+        key = self.kind(lora_request)
+        if key == UNKNOWN:
+            return True, f"{UNKNOWN}{lora_request.lora_int_id}"
+        return key is None, key
 
     def admit(self, lora_request) -> bool:
         """Count this request's adapter in the step, or say it must wait."""
-        key = self.kind(lora_request)
-        if key is None:
-            lid = lora_request.lora_int_id
-            if lid not in self.dense and len(self.dense) >= self.dense_cap:
-                return False
+        dense, basis = self._needs(lora_request)
+        lid = lora_request.lora_int_id
+        if dense and lid not in self.dense and len(self.dense) >= self.dense_cap:
+            return False
+        if basis and basis not in self.bases and len(self.bases) >= self.basis_cap:
+            return False
+        if dense:
             self.dense.add(lid)
-        else:
-            if key not in self.bases and len(self.bases) >= self.basis_cap:
-                return False
-            self.bases.add(key)
+        if basis:
+            self.bases.add(basis)
         return True

@@ -20,6 +20,9 @@ DEFAULT_MAX_CPU_LORAS = 32
 # cores (larger ones are served as plain LoRA).
 DEFAULT_MAX_BASES = 4
 DEFAULT_CORE_RANK = 32
+# The convert-on-load cache is kept under this size (GB, 10^9 bytes): least recently used
+# entries that no loaded adapter uses are removed first.
+DEFAULT_CACHE_MAX_GB = 20.0
 
 
 def default_cache_dir() -> str:
@@ -36,6 +39,12 @@ class NoraSettings:
     dense_loras: int | None = None  # slots with full LoRA storage (None: all of --max-loras)
     max_bases: int = DEFAULT_MAX_BASES  # shared bases resident at once
     core_rank: int = DEFAULT_CORE_RANK  # largest shared-basis rank stored as cores; 0: off
+    cache_max_gb: float = DEFAULT_CACHE_MAX_GB  # bound of the cache dir; 0: no bound
+    # /v1/load_lora_adapter (arbitrary server paths): off unless asked for, here or with
+    # vLLM's own VLLM_ALLOW_RUNTIME_LORA_UPDATING. The adapter store works without it.
+    allow_runtime_loading: bool = False
+    # CPU: keep vLLM's torch.compile on with LoRA (the LoRA work is an opaque op in the graph).
+    compile: bool = True
 
     @property
     def shared_basis(self) -> bool:
@@ -47,6 +56,16 @@ class NoraSettings:
 
     def dense_slots(self, max_loras: int) -> int:
         return max_loras if self.dense_loras is None else max(1, min(self.dense_loras, max_loras))
+
+    def shared_basis_for(self, lora_config) -> bool:
+        """Whether shared-basis storage exists in the workers of this LoRA config: vLLM's fully
+        sharded LoRA layers keep their own storage, so there every adapter is dense. The
+        scheduler and the workers decide an adapter's kind with this same rule."""
+        return self.shared_basis and not getattr(lora_config, "fully_sharded_loras", False)
+
+    @property
+    def cache_max_bytes(self) -> int | None:
+        return int(self.cache_max_gb * 1e9) if self.cache_max_gb and self.cache_max_gb > 0 else None
 
     @property
     def cache_path(self) -> Path:
@@ -66,7 +85,8 @@ class NoraSettings:
         if not isinstance(raw, dict) or not raw.get("enabled", True):
             return None
         known = {k: raw[k] for k in ("enabled", "adapter_dir", "cache_dir", "check_base",
-                                                  "dense_loras", "max_bases", "core_rank") if k in raw}
+                                     "dense_loras", "max_bases", "core_rank", "cache_max_gb", "compile",
+                                     "allow_runtime_loading") if k in raw}
         return cls(**known)
 
 

@@ -98,9 +98,12 @@ class SlotPlan:
         ``active``: adapter ids holding a slot now; ``batch``: ids the current step needs (None:
         unknown); ``evict(lora_id)`` frees an active adapter's slot. Raises :class:`StorageFull`
         when every dense index / basis group is needed by this step."""
+        # An adapter holds at most one dense index or group membership: drop what it held
+        # before (its earlier activation), so a stale claim can never count as "in use".
+        previous_dense = self._forget(lora_id)
         dense = group = -1
         if storage.kind == DENSE:
-            dense = self._free_dense(active, batch, evict)
+            dense = self._free_dense(active, batch, evict, prefer=previous_dense)
             self._dense_owner[dense] = lora_id
             self.dense_ranks[dense] = storage.rank
         elif storage.kind == BASIS:
@@ -112,13 +115,26 @@ class SlotPlan:
         self.version += 1
         return Activation(slot, storage, dense, group)
 
-    def _free_dense(self, active, batch, evict) -> int:
+    def _forget(self, lora_id: int) -> int:
+        previous = -1
+        for d, owner in enumerate(self._dense_owner):
+            if owner == lora_id:
+                self._dense_owner[d] = None
+                previous = d
+        for members in self._group_members:
+            members.discard(lora_id)
+        return previous
+
+    def _free_dense(self, active, batch, evict, prefer: int = -1) -> int:
+        if prefer >= 0 and self._dense_owner[prefer] is None:
+            return prefer
         for d, owner in enumerate(self._dense_owner):
             if owner is None or owner not in active:
                 return d
         for d, owner in enumerate(self._dense_owner):  # an adapter this step does not need
             if batch is None or owner not in batch:
                 evict(owner)
+                self._dense_owner[d] = None
                 return d
         raise StorageFull(
             f"nora: all {self.dense_slots} dense adapter slots (--nora-dense-loras) are used by "

@@ -83,7 +83,7 @@ def load_adapter(manager, orig_load, lora_request):
     from .storage import DENSE, AdapterStorage
 
     request = convert_request(manager, lora_request)
-    model = _load_cores(manager, lora_request, request.lora_path) if _settings else None
+    model = _load_cores(manager, lora_request, request.lora_path, orig_load, request) if _settings else None
     if model is None:
         model = orig_load(manager, request)
         record_rank(lora_request.lora_int_id, model)
@@ -92,35 +92,45 @@ def load_adapter(manager, orig_load, lora_request):
     return model
 
 
-def _load_cores(manager, lora_request, path):
+def _load_cores(manager, lora_request, path, orig_load=None, request=None):
     from safetensors.torch import load_file
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    from .cache import shared_basis_entry
+    from .scheduling import adapter_kind
     from .storage import BASIS, AdapterStorage, current_plan
 
-    entry = shared_basis_entry(path)
-    if entry is None or current_plan() is None:
+    if current_plan() is None:
         return None
-    if not settings().keeps_as_cores(entry.rank):
-        logger.info("nora: adapter %s: basis rank %d > --nora-core-rank %d, served as LoRA",
-                    lora_request.lora_name, entry.rank, settings().core_rank)
+    # The scheduler admitted this request with the same rule (scheduling.adapter_kind).
+    entry = adapter_kind(settings(), manager.lora_config, path)
+    if entry is None:
         return None
     cores = load_file(str(entry.cores))
     missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
-    if missing:
-        logger.info("nora: adapter %s: %d modules (e.g. %s) have no shared-basis layer, served as LoRA",
-                    lora_request.lora_name, len(missing), missing[0])
-        return None
     dtype = manager.lora_config.lora_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     loras = {m: LoRALayerWeights(m, c.shape[0], 1, c.to(dtype), torch.zeros(0, c.shape[0], dtype=dtype),
-                                 scaling=1.0) for m, c in cores.items()}
+                                 scaling=1.0) for m, c in cores.items() if m not in missing}
+    rank = entry.rank
+    if missing:
+        # Layers without shared-basis storage keep vLLM's own (one slot per adapter): those
+        # modules are served from the folded LoRA, the others as cores. The adapter stays a
+        # shared-basis one, as the scheduler counted it.
+        folded = orig_load(manager, request)
+        for m in missing:
+            w = folded.loras.get(m)
+            if w is None:
+                raise ValueError(f"nora: adapter {lora_request.lora_name}: module {m} is in its cores "
+                                 "but not in its folded LoRA")
+            loras[m] = w
+            rank = max(rank, int(getattr(w, "rank", 0) or 0))
+        logger.info("nora: adapter %s: %d modules (e.g. %s) have no shared-basis layer, served "
+                    "as LoRA there", lora_request.lora_name, len(missing), missing[0])
     model = LoRAModel(lora_request.lora_int_id, entry.rank, loras)
     model.nora_storage = AdapterStorage(BASIS, rank=entry.rank, basis_key=entry.key,
                                         basis_path=str(entry.basis), name=lora_request.lora_name)
-    adapter_ranks[lora_request.lora_int_id] = entry.rank
+    adapter_ranks[lora_request.lora_int_id] = rank
     size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
     logger.info("nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
                 lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)

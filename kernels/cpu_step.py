@@ -1,0 +1,265 @@
+"""CPU serving path: per-step routes, built once per step, and the layer ops that read them.
+
+A serving step runs the same token -> slot table through every LoRA layer, so everything that
+depends only on the table (which slots are used, how many tokens each, the token order by slot)
+is computed once, in the punica wrapper's ``update_metadata``, into a :class:`Route`. A layer's
+op then does only tensor work, chosen by the route's mode:
+
+    ALL   every row uses one slot: two GEMMs on views of that slot's weights (the usual decode
+          batch of one adapter);
+    SEG   several slots: either one GEMM pair against all resident slots side by side, each
+          row keeping its own slot's columns (:func:`stacked_lora_linear`, while that stack is
+          narrow), or rows gathered once in slot order with one GEMM pair per segment (cut to
+          the slot's true rank) and one scatter-add; rows of other slots are never touched;
+    NONE  no row has an adapter: nothing runs.
+
+The slices of a layer (q/k/v, gate/up) run as one GEMM pair (:func:`pack_slices`): on the CPU a
+skinny GEMM costs mostly per call. The shared-basis op is two dense GEMMs over the step's rows
+with each row's own ``r x r`` core applied in between (gathered per row; rows outside the group
+get exactly zero), whatever the number of adapters. Host reads are free on the CPU; none of
+this runs inside a traced graph (the plugin calls it from an opaque custom op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+NONE, ALL, SEG = "none", "all", "seg"
+# Rows of several slots run as one GEMM pair against every resident slot's weights while the
+# slots' packed ranks add up to at most this (e.g. 8 adapters of rank 16 on q/k/v: 384);
+# wider, one GEMM pair per slot's segment.
+STACK_MAX_COLUMNS = 512
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the rows of one step map to slots of one weight stack (see module docstring)."""
+
+    mode: str
+    rows: int  # rows of the table it was built from
+    slot: int = -1  # ALL: the one slot
+    idx: torch.Tensor | None = None  # SEG: adapter rows in slot order (int64)
+    segments: tuple[tuple[int, int, int], ...] = ()  # SEG: (slot, start in idx, length)
+
+    @property
+    def slots(self) -> list[int]:
+        return [self.slot] if self.mode == ALL else [s for s, _, _ in self.segments]
+
+
+def build_route(table: torch.Tensor) -> Route:
+    """Route of a per-row slot table (int, -1 = no adapter)."""
+    n = int(table.shape[0])
+    if n == 0:
+        return Route(NONE, 0)
+    t = table.to(torch.int64)
+    lo, hi = int(t.min()), int(t.max())
+    if hi < 0:
+        return Route(NONE, n)
+    if lo == hi:
+        return Route(ALL, n, slot=hi)
+    key = torch.where(t < 0, torch.full_like(t, hi + 1), t)
+    order = torch.argsort(key, stable=True)
+    slots, counts = torch.unique_consecutive(key[order], return_counts=True)
+    segments, start = [], 0
+    for s, c in zip(slots.tolist(), counts.tolist()):
+        if s <= hi:
+            segments.append((s, start, c))
+        start += c
+    used = sum(c for _, _, c in segments)
+    return Route(SEG, n, idx=order[:used].contiguous(), segments=tuple(segments))
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t where the CPU does it well (fp16 and mixed dtypes in fp32)."""
+    if a.dtype == torch.float16 or b_t.dtype == torch.float16 or a.dtype != b_t.dtype:
+        return a.float() @ b_t.float()
+    return a @ b_t
+
+
+def _add_mm(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+    """out += a @ b_t, in place (fused where the dtypes allow)."""
+    if out.dtype == a.dtype == b_t.dtype and out.dtype != torch.float16:
+        out.addmm_(a, b_t)
+    else:
+        out += _mm(a.to(b_t.dtype) if a.dtype != b_t.dtype else a, b_t).to(out.dtype)
+
+
+def _w3(w: torch.Tensor) -> torch.Tensor:
+    return w[:, 0] if w.dim() == 4 else w
+
+
+def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                lora_b: Sequence[torch.Tensor], route: Route, ranks: Sequence[Sequence[int]],
+                scale: float = 1.0, offset_start: int = 0) -> None:
+    """``y[t, slice i] += scale * x[t] A_i[slot_t, :r]^T B_i[slot_t, :, :r]^T``.
+
+    ``lora_a[i]`` [L, (1,) R, d_in], ``lora_b[i]`` [L, (1,) d_out_i, R]; ``ranks[i][slot]`` the
+    rank to read (the stacks are zero past it). ``x``/``y`` have ``route.rows`` rows."""
+    if route.mode == NONE:
+        return
+    if route.mode == SEG:
+        xs = x.index_select(0, route.idx)
+    off = offset_start
+    for i, (wa, wb) in enumerate(zip(lora_a, lora_b)):
+        wa, wb = _w3(wa), _w3(wb)
+        n_out = wb.shape[1]
+        rk = ranks[i]
+        if route.mode == ALL:
+            r = min(rk[route.slot], wa.shape[1])
+            if r > 0:
+                h = _mm(x, wa[route.slot, :r].t())
+                if scale != 1.0:
+                    h.mul_(scale)
+                _add_mm(y[:, off:off + n_out], h, wb[route.slot, :, :r].t())
+        else:
+            res = torch.zeros(xs.shape[0], n_out, dtype=y.dtype)
+            for slot, b, n in route.segments:
+                r = min(rk[slot], wa.shape[1])
+                if r > 0:
+                    h = _mm(xs[b:b + n], wa[slot, :r].t())
+                    if scale != 1.0:
+                        h.mul_(scale)
+                    _add_mm(res[b:b + n], h, wb[slot, :, :r].t())
+            y[:, off:off + n_out].index_add_(0, route.idx, res)
+        off += n_out
+
+
+def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None],
+                widths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None:
+    """One GEMM pair for all slices of a layer: ``a[i]`` [r_i, d_in] stacked into ``a_cat``
+    [sum r, d_in], ``b[i]`` [widths[i], r_i] into the block-diagonal ``b_bd``
+    [sum widths, sum r] (``None``: an empty slice, its output rows get zero). Returns
+    (a_cat, b_bd, ranks), or ``None`` when every slice is empty. Skinny GEMMs cost mostly per
+    call on the CPU: one rank-3r GEMM is cheaper than three rank-r ones."""
+    ranks = tuple(0 if t is None else t.shape[0] for t in a)
+    if not any(ranks):
+        return None
+    ref = next(t for t in a if t is not None)
+    a_cat = torch.cat([t for t in a if t is not None]).contiguous()
+    b_bd = torch.zeros(sum(widths), sum(ranks), dtype=ref.dtype, device=ref.device)
+    row = col = 0
+    for bt, r, n in zip(b, ranks, widths):
+        if r:
+            b_bd[row:row + n, col:col + r] = bt[:n, :r]
+            col += r
+        row += n
+    return a_cat, b_bd, ranks
+
+
+def packed_lora_linear(y: torch.Tensor, x: torch.Tensor, packed: Sequence, route: Route,
+                       scale: float = 1.0) -> None:
+    """:func:`lora_linear` on slice-packed weights: ``packed[slot]`` = (a_cat, b_bd, ranks)
+    from :func:`pack_slices` (or ``None``: empty slot); ``y`` is the layer's whole output."""
+    if route.mode == NONE:
+        return
+    if route.mode == ALL:
+        p = packed[route.slot]
+        if p is not None:
+            h = _mm(x, p[0].t())
+            if scale != 1.0:
+                h.mul_(scale)
+            _add_mm(y, h, p[1].t())
+        return
+    xs = x.index_select(0, route.idx)
+    res = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype)
+    for slot, b, n in route.segments:
+        p = packed[slot]
+        if p is not None:
+            h = _mm(xs[b:b + n], p[0].t())
+            if scale != 1.0:
+                h.mul_(scale)
+            _add_mm(res[b:b + n], h, p[1].t())
+    y.index_add_(0, route.idx, res)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Every resident slot's slice-packed weights side by side: slot ``s`` owns columns
+    ``[start[s], end[s])`` of ``a_all`` [C, d_in] (rows) and ``b_all`` [d_out, C]."""
+
+    a_all: torch.Tensor
+    b_all: torch.Tensor
+    start: torch.Tensor  # [L] int64 (0 for empty slots)
+    end: torch.Tensor  # [L] int64 (= start for empty slots)
+
+    @property
+    def width(self) -> int:
+        return self.a_all.shape[0]
+
+
+def stack_packed(packed: Sequence) -> Stack | None:
+    """A :class:`Stack` of ``packed[slot]`` = (a_cat, b_bd, ranks) or ``None``; ``None`` if
+    every slot is empty."""
+    parts = [(s, p) for s, p in enumerate(packed) if p is not None]
+    if not parts:
+        return None
+    start = torch.zeros(len(packed), dtype=torch.int64)
+    end = torch.zeros(len(packed), dtype=torch.int64)
+    col = 0
+    for s, p in parts:
+        start[s], end[s] = col, col + p[0].shape[0]
+        col += p[0].shape[0]
+    return Stack(torch.cat([p[0] for _, p in parts]).contiguous(),
+                 torch.cat([p[1] for _, p in parts], dim=1).contiguous(), start, end)
+
+
+def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: torch.Tensor) -> None:
+    """:func:`packed_lora_linear` for rows of many slots in one GEMM pair: every row against
+    every resident slot, then each row keeps only its own slot's columns (``table[t]`` its
+    slot, -1: none). Costs ``stack.width / rank`` times the FLOPs of one adapter, in 2 calls
+    instead of 2 per slot: cheaper on the CPU while the stack is narrow. The weights must be
+    finite (a kept column is multiplied by zeros of the others only)."""
+    h = _mm(x, stack.a_all.t())
+    safe = table.clamp(min=0)
+    lo = torch.where(table >= 0, stack.start[safe], 0).unsqueeze(1)
+    hi = torch.where(table >= 0, stack.end[safe], 0).unsqueeze(1)
+    col = torch.arange(stack.width).unsqueeze(0)
+    h = torch.where((col >= lo) & (col < hi), h, torch.zeros((), dtype=h.dtype))
+    _add_mm(y, h, stack.b_all.t())
+
+
+def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: Sequence,
+                               core_idx: torch.Tensor | None, mask: torch.Tensor | None,
+                               slot: int) -> None:
+    """:func:`shared_basis_linear` for all slices of a layer at once: the basis slice-packed
+    (``packed`` = (a_cat, b_bd, ranks) of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i]."""
+    a_cat, b_bd, ranks = packed
+    h = _mm(x, a_cat.t())
+    g = torch.empty(h.shape, dtype=torch.float32 if core_idx is not None else h.dtype)
+    col = 0
+    for i, r in enumerate(ranks):
+        if r == 0:
+            continue
+        hi = h[:, col:col + r]
+        if core_idx is None:
+            g[:, col:col + r] = _mm(hi, cores[i][slot].t())
+        else:
+            c = cores[i].index_select(0, core_idx)  # [T, r, r]: kilobytes
+            g[:, col:col + r] = torch.bmm(c.float(), hi.float().unsqueeze(-1)).squeeze(-1)
+        col += r
+    if mask is not None:
+        g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
+    _add_mm(y, g.to(b_bd.dtype), b_bd.t())
+
+
+def shared_basis_linear(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        cores: torch.Tensor, core_idx: torch.Tensor | None,
+                        mask: torch.Tensor | None, slot: int, y_offset: int = 0) -> None:
+    """``y[t, off:off+d_out] += B C_t A x[t]`` for the group's rows, ``C_t = cores[core_idx[t]]``.
+
+    ``a`` [r, d_in], ``b`` [d_out, r]: one basis, cut to its rank; ``cores`` [L, r, r].
+    ``core_idx=None``: every row uses ``cores[slot]`` (one small GEMM, no gather). ``mask``
+    [T, 1] bool marks the group's rows (``None``: all); the others get exactly zero, whatever
+    their gathered core holds."""
+    h = _mm(x, a.t())
+    if core_idx is None:
+        g = _mm(h, cores[slot].t())
+    else:
+        c = cores.index_select(0, core_idx)  # [T, r, r]: kilobytes
+        g = torch.bmm(c.float(), h.float().unsqueeze(-1)).squeeze(-1)
+        if mask is not None:
+            g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
+    _add_mm(y[:, y_offset:y_offset + b.shape[0]], g.to(b.dtype), b.t())
