@@ -66,7 +66,8 @@ def _fold_all(d: AdapterDeltas, *, max_rank, tolerance, allow_truncation, out_dt
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(names, desc=f"fold {d.path.name}", unit="module", leave=False)
+        # disable=None: no bar (no "\r" lines in logs) when stderr is not a terminal.
+        it = tqdm(names, desc=f"fold {d.path.name}", unit="module", leave=False, disable=None)
     for m in it:
         try:
             f = fold(d.entries[m].for_fold(compute_dtype), max_rank=max_rank, tolerance=tolerance,

@@ -25,3 +25,8 @@ class AdapterError(ValueError):
         if self.tensor:
             where.append(f"tensor {self.tensor}")
         return ": ".join(where + [self.reason])
+
+
+class NoraWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLIs print it as one
+    ``prog: warning: ...`` line on stderr)."""

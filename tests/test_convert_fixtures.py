@@ -80,9 +80,56 @@ def test_plain_merge_reproduces_reference(fixtures_dir, base_dir, converted, nam
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_stock_peft_reproduces_reference(fixtures_dir, base_dir, converted, name):
     out, _ = converted
+    assert (out / name / "README.md").is_file()  # the model card does not disturb PEFT
     ids, want = ref.reference_logits(fixtures_dir / name)
     model = ref.peft_model(base_dir, out / name)
     assert ref.max_abs_diff(ref.logits(model, ids), want) <= TOL
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_model_card(base_dir, converted, name):
+    """README.md as PEFT's save_pretrained writes one (YAML front matter: library_name, base_model)
+    plus what the conversion did: source method and format, ranks, truncation error, base."""
+    from nora_serve.converters.peft_writer import base_identity
+
+    out, reports = converted
+    rep = reports[name]
+    text = (out / name / "README.md").read_text()
+    head, sep, body = text.removeprefix("---\n").partition("\n---\n")
+    assert text.startswith("---\n") and sep
+    front = dict(l.split(": ", 1) for l in head.splitlines() if ": " in l)
+    assert front["library_name"] == "peft"
+    assert json.loads(front["base_model"]) == str(base_dir.resolve())  # converted with --base
+    meta = json.loads((out / name / "nora_convert.json").read_text())
+    ranks = [r for _, _, r, _ in rep.rows if r > 0]
+    assert f"| source method | `{rep.method}` |" in body
+    assert f"| source format | `{FIXTURES[name][1]}` |" in body
+    assert f"| modules | {len(ranks)} folded" in body
+    assert f"| folded rank | min {min(ranks)}, max {max(ranks)} " in body
+    assert f"| max truncation error | {rep.max_rel_error:.3e} " in body
+    assert f"| base model | `{base_dir.resolve()}` |" in body
+    assert base_identity(meta) in body and base_identity(meta).startswith("sha256:")
+
+
+def test_model_card_without_base(fixtures_dir, base_dir, tmp_path):
+    """No --base and a source that names none: no base_model line, and the card says so; the
+    folder still loads through stock PEFT (checked with the base for the shapes)."""
+    src = fixtures_dir / "peft_lora_rank_pattern"
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    if cfg.get("base_model_name_or_path"):
+        cfg["base_model_name_or_path"] = None
+        src = tmp_path / "src"
+        src.mkdir()
+        for f in (fixtures_dir / "peft_lora_rank_pattern").iterdir():
+            (src / f.name).write_bytes(f.read_bytes())
+        (src / "adapter_config.json").write_text(json.dumps(cfg))
+    rep = convert_adapter(src, tmp_path / "o", progress=False)
+    text = (tmp_path / "o/README.md").read_text()
+    assert "library_name: peft" in text and "base_model:" not in text
+    assert "| base model | not recorded |" in text
+    assert f"max {rep.max_rank} " in text
+    model = ref.peft_model(base_dir, tmp_path / "o")
+    assert type(model).__name__.startswith("PeftModel")
 
 
 def _true_rank(P: torch.Tensor, Q: torch.Tensor) -> int:
@@ -126,7 +173,7 @@ def test_output_is_stock_peft_lora_with_unit_scale(converted, name):
     out, reports = converted
     d = out / name
     assert sorted(p.name for p in d.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "nora_convert.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "nora_convert.json"]
     cfg = json.loads((d / "adapter_config.json").read_text())
     ranks = {m: r for m, _, r, _ in reports[name].rows if r > 0}
     assert cfg["peft_type"] == "LORA" and cfg["use_rslora"] is False and cfg["use_dora"] is False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -307,6 +308,7 @@ def test_bad_data_names_file_and_line(tmp_path, base_dir, line, msg):
 
 
 def test_cli_trains_and_reports_errors(base_dir, data, tmp_path, capsys):
+    """Exit status: 0 trained, 1 runtime error (one line on stderr), 2 usage error."""
     from nora_serve.cli.train import main
 
     out = tmp_path / "cli"
@@ -315,23 +317,88 @@ def test_cli_trains_and_reports_errors(base_dir, data, tmp_path, capsys):
     assert main(args + ["--method", "slora", "--targets", "q_proj,v_proj"]) == 0
     cfg, _ = load_native(out)
     assert cfg["target_modules"] == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    capsys.readouterr()
+
+    def runtime_error(argv, msg):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("nora-train: error: ") and msg in err[0], err
+
     # Existing output without --overwrite: refused before training.
-    assert main(args + ["--method", "slora"]) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert main(args + ["--method", "lora", "--targets", "qproj", "--overwrite"]) == 2
-    assert "unknown target module(s) 'qproj'" in capsys.readouterr().err
+    runtime_error(args + ["--method", "slora"], "already exists")
+    runtime_error(args + ["--method", "lora", "--targets", "qproj", "--overwrite"],
+                  "unknown target module(s) 'qproj'")
+    runtime_error(args[:2] + ["--data", str(tmp_path / "none.jsonl")] + args[4:] + ["--method", "lora", "--overwrite"],
+                  "no such data file")
+    runtime_error(["--model", str(tmp_path / "nobase")] + args[2:] + ["--method", "lora", "--overwrite"],
+                  "nobase")
+    # Settings that contradict each other: a usage error, before anything loads.
     assert main(args + ["--method", "nora", "--inner-rank", "4", "--overwrite"]) == 2
-    assert "inner_rank < rank" in capsys.readouterr().err
-    assert main(args[:2] + ["--data", str(tmp_path / "none.jsonl")] + args[4:] + ["--method", "lora", "--overwrite"]) == 2
-    assert "no such data file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("usage: nora-train") and "nora-train: error: " in err and "inner_rank < rank" in err
+    with pytest.raises(SystemExit) as e:  # argparse's own: exit 2
+        main(args + ["--method", "lora", "--rank", "four"])
+    assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     helptext = capsys.readouterr().out
     for flag in ("--rank", "--inner-rank", "--alpha", "--targets", "--lr", "--max-steps", "--epochs",
-                 "--batch-size", "--max-length", "--seed", "--dtype", "--device", "--calibration"):
+                 "--batch-size", "--max-length", "--seed", "--dtype", "--device", "--calibration",
+                 "--base", "--model", "--lora-alpha", "--quiet", "--no-progress", "--version"):
         assert flag in helptext
     assert all(t in helptext for t in LLAMA_TARGETS)
+
+
+def test_cli_flags_are_the_config_fields():
+    """Every TrainConfig field is a flag (its dest the field name) with the field's default;
+    the old spellings still work."""
+    import dataclasses
+
+    from nora_serve.cli.train import build_parser
+
+    p = build_parser()
+    dests = {a.dest for a in p._actions}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(fields) <= dests
+    req = ["--base", "B", "--data", "D", "--method", "lora", "--out", "O"]
+    got = vars(p.parse_args(req))
+    want = TrainConfig(model="B", data="D", method="lora", out="O")
+    for name in fields:
+        assert got[name] == getattr(want, name), name
+    old = vars(p.parse_args(["--model", "B", "--data", "D", "--method", "nora", "--out", "O",
+                             "--alpha", "4", "--no-progress", "--rslora", "--inner-rank", "2",
+                             "--targets", "q_proj, v_proj", "--max-steps", "3", "--dtype", "bfloat16",
+                             "--dyrank-interval", "5"]))
+    new = vars(p.parse_args(["--base", "B", "--data", "D", "--method", "nora", "--out", "O",
+                             "--lora-alpha", "4", "--quiet", "--use-rslora", "--inner-rank", "2",
+                             "--targets", "q_proj,v_proj", "--max-steps", "3", "--dtype", "bfloat16",
+                             "--dyrank-interval", "5"]))
+    assert old == new
+    assert new["model"] == "B" and new["alpha"] == 4.0 and new["progress"] is False
+    assert new["use_rslora"] is True and new["targets"] == ("q_proj", "v_proj")
+    assert new["inner_rank"] == 2 and new["max_steps"] == 3 and new["dyrank_interval"] == 5
+    TrainConfig(**{k: new[k] for k in fields}).validate()
+
+
+def test_cli_without_matplotlib_warns_and_keeps_the_adapter(base_dir, data, tmp_path, capsys, monkeypatch):
+    """No matplotlib: a one-line warning on stderr before training naming the extra, then the
+    adapter and log are saved (no loss.png) and the exit status is 0. The progress bar, not
+    asked off, writes nothing when stderr is not a terminal."""
+    from nora_serve.cli.train import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    out = tmp_path / "noplot"
+    assert main(["--base", str(base_dir), "--data", str(data["a"]), "--out", str(out), "--method", "lora",
+                 "--rank", "2", "--max-steps", "2", "--batch-size", "4"]) == 0
+    cap = capsys.readouterr()
+    warn = [l for l in cap.err.splitlines() if l.startswith("nora-train: warning:")]
+    assert len(warn) == 1 and "matplotlib" in warn[0] and "pip install 'nora-serve[train]'" in warn[0]
+    assert "\r" not in cap.err and "warning" not in cap.out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "train_log.json"]
+    assert cap.out.startswith(f"saved lora adapter to {out}")
 
 
 @pytest.mark.parametrize("method", ["nora", "dyrank", "inttune"])

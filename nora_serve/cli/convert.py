@@ -4,8 +4,9 @@ The format of each source is detected from its contents (``--format`` forces one
 is a PEFT LoRA directory that stock vLLM loads with ``--enable-lora``; every module is folded
 at its exact minimal rank unless ``--max-rank`` / ``--tolerance`` ask for truncation, and the
 per-module table reports the exact relative error that costs. Exit status: 0 on success,
-1 when any source failed (one line per failure: file, module, tensor, reason), 2 on usage
-errors.
+1 when any source failed (one line per failure on stderr: file, module, tensor, reason), 2 on
+usage errors. Results go to stdout; warnings, errors and the progress bar (only when stderr is
+a terminal) to stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from nora_serve.cli import (DTYPE_CHOICES, EXIT_ERROR, EXIT_OK, add_version_flag, usage_error,
+                            warn, warnings_to_stderr)
 from nora_serve.converters import FORMATS, AdapterError, convert_adapter
+
+PROG = "nora-convert"
 
 EPILOG = """\
 formats (detected automatically):
@@ -38,11 +43,12 @@ With several sources the last argument is a directory; each source goes to OUT_D
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nora-convert",
+        prog=PROG,
         description="Fold adapters (NoRA, SLoRA/NLoRA/IntTune, dynamic-rank DoRA, PEFT LoRA/"
                     "AdaLoRA/VeRA/PiSSA) exactly into stock PEFT LoRA directories for vLLM.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT, or SRC... OUT_DIR")
+    add_version_flag(p)
     p.add_argument("--base", metavar="MODEL_DIR",
                    help="base model directory: checks shapes and fingerprints (required for VeRA)")
     p.add_argument("--format", choices=FORMATS, help="force the source format")
@@ -52,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate each module while its relative Frobenius error stays <= EPS")
     p.add_argument("--allow-truncation", action="store_true",
                    help="truncate modules above --max-rank instead of failing")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="output dtype (default: the source's)")
-    p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="output dtype [auto: the source's]")
+    p.add_argument("--lora-alpha", "--alpha", type=float, metavar="ALPHA",
                    help="dynamic-rank DoRA only: the lora_alpha it was trained with (not stored "
                         "in its checkpoints; default: the target rank round(r0 / 1.5), i.e. the "
                         "DoRA recipe's r0 = ceil(1.5 * target))")
@@ -66,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the source method's forward on random inputs and report the "
                         "worst relative error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("--quiet", "--no-progress", action="store_true",
+                   help="no table, no progress bar (the bar shows only when stderr is a terminal)")
     return p
 
 
@@ -77,40 +84,46 @@ def _out_name(src: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse's message, exit 2
     if len(args.paths) < 2:
-        print("nora-convert: error: need SRC and OUT (or SRC... OUT_DIR)", file=sys.stderr)
-        return 2
+        return usage_error(parser, "need SRC and OUT (or SRC... OUT_DIR)")
+    if args.max_rank is not None and args.max_rank < 1:
+        return usage_error(parser, f"--max-rank must be >= 1, got {args.max_rank}")
+    if not 0.0 <= args.tolerance < 1.0:
+        return usage_error(parser, f"--tolerance must be in [0, 1), got {args.tolerance}")
     *srcs, out = [Path(p) for p in args.paths]
     if len(srcs) == 1:
         jobs = [(srcs[0], out)]
     else:
         if out.exists() and not out.is_dir():
-            print(f"nora-convert: error: {out}: not a directory", file=sys.stderr)
-            return 2
+            return usage_error(parser, f"{out}: not a directory")
         names = [_out_name(s) for s in srcs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            print(f"nora-convert: error: several sources would be written to {out / dup[0]}",
-                  file=sys.stderr)
-            return 2
+            return usage_error(parser, f"several sources would be written to {out / dup[0]}")
         jobs = [(s, out / n) for s, n in zip(srcs, names)]
+    with warnings_to_stderr(PROG):
+        return _run(args, jobs)
 
+
+def _run(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int:
     failed = 0
     for src, dst in jobs:
         try:
             rep = convert_adapter(
                 src, dst, base=args.base, fmt=args.format, max_rank=args.max_rank,
                 tolerance=args.tolerance, allow_truncation=args.allow_truncation,
-                dtype=args.dtype, verify=args.verify, overwrite=args.overwrite,
+                dtype=None if args.dtype == "auto" else args.dtype, verify=args.verify,
+                overwrite=args.overwrite,
                 progress=not args.quiet, lora_alpha=args.lora_alpha,
                 compute_dtype=getattr(torch, args.compute_dtype))
         except AdapterError as e:
-            print(f"nora-convert: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
             failed += 1
             continue
         except OSError as e:  # disk full, permissions: still one line, never a traceback
-            print(f"nora-convert: error: {src}: {e.strerror or e}", file=sys.stderr)
+            print(f"{PROG}: error: {src}: {e.strerror or e}", file=sys.stderr)
             failed += 1
             continue
         if not args.quiet:
@@ -122,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if rep.verify_error is not None:
             line += f", verify: worst relative error {rep.verify_error:.3e}"
         print(line)
-        for note in rep.notes:
-            print(f"note: {note}")
-    return 1 if failed else 0
+        for note in rep.notes:  # an assumption the result rests on: a warning, on stderr
+            warn(PROG, note)
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ arguments (``--enable-nora``, ``--nora-adapter-dir``, ...) and also works with t
 build, whose ``vllm`` console script cannot start.
 
     nora-serve MODEL --enable-nora --lora-modules name=path ...
+    nora-serve --version      # prints ``nora-serve X.Y.Z`` without importing vLLM
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    if "--version" in own:
+        # Answered here, before vLLM is imported (slow) or parses anything.
+        from nora_serve.cli import version_line
+
+        print(version_line())
+        raise SystemExit(0)
     if argv[:1] == ["serve"]:  # accept `nora-serve serve MODEL` like `vllm serve MODEL`
         argv = argv[1:]
     if argv and not argv[0].startswith("-"):  # positional model, as `vllm serve` takes it

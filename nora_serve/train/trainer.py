@@ -2,20 +2,25 @@
 
 Direct on purpose: one loop, no framework. The output directory (written all or nothing) holds
 the native adapter (``adapter_config.json``, ``adapter_model.safetensors``) plus
-``train_log.json`` (the loss curve as data) and ``loss.png``.
+``train_log.json`` (the loss curve as data) and ``loss.png`` (only with matplotlib, the
+``train`` extra: without it a ``NoraWarning`` at the start, and everything else is saved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from nora_serve.converters.atomic import atomic_dir
+from nora_serve.converters.errors import NoraWarning
 from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensor, fingerprint_tensors
 from nora_serve.converters.native import SHARED_TENSORS, NativeAdapter
 
@@ -36,42 +41,83 @@ from .layers import AdapterLinear
 
 LOG_NAME = "train_log.json"
 PLOT_NAME = "loss.png"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARED_RULES = {"nora": "svd", "inttune": "nystrom"}
+
+
+def _opt(default, help: str, **cli):
+    """A ``TrainConfig`` field with what ``nora-train`` needs to make its flag (see
+    ``nora_serve.cli.train``): ``help``; optional ``flags`` (first the name shown, then aliases;
+    default ``--field-name``), ``group``, ``choices``, ``metavar``, ``default_help`` (shown as
+    ``[...]`` instead of the default), ``parse`` (str -> value), ``required`` (on the command
+    line), ``negate`` (a bool whose flag sets it False)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _req(help: str, **cli):
+    return field(metadata={"help": help, "required": True, **cli})
+
+
+def _split_targets(s: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in s.split(",") if t.strip())
+
+
+DTYPE_CHOICES = ("auto", *DTYPES)
+ADAPTER, OPTIM, DYRANK, RUNTIME = "adapter", "optimisation", "dyrank (dynamic-rank DoRA)", "runtime"
 
 
 @dataclass
 class TrainConfig:
-    model: str
-    data: str
-    method: str
-    out: str | None = None
-    rank: int = 8
-    inner_rank: int | None = None  # NoRA r'; default rank // 2
-    alpha: float = 16.0
-    targets: tuple[str, ...] = LLAMA_TARGETS
-    lr: float = 2e-4
-    max_steps: int | None = None
-    epochs: float | None = None  # used when max_steps is not given (default 1)
-    batch_size: int = 8
-    max_length: int = 512
-    seed: int = 0
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
-    device: str = "auto"
-    dropout: float = 0.0
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "linear"  # constant | linear | cosine (after warmup)
-    grad_clip: float = 1.0
-    use_rslora: bool = False
-    calibration: int = 0  # NoRA: examples for the activation-aware SVD (0: plain SVD)
-    dyrank_warmup_ratio: float = 0.15
-    dyrank_final_ratio: float = 0.5
-    dyrank_interval: int | None = None
-    dyrank_beta: float = 0.9
-    dyrank_reg: float = 0.1
-    overwrite: bool = False
-    progress: bool = True
+    """Everything ``train`` takes. Each field is also a ``nora-train`` flag (``--field-name``
+    unless its metadata names others), generated from these fields and their metadata."""
+
+    model: str = _req("base model: a local directory or a cached Hub name",
+                      flags=("--base", "--model"), metavar="MODEL")
+    data: str = _req("training data, JSONL (see below)", metavar="JSONL")
+    method: str = _req("adapter method (see below)", choices=METHODS)
+    out: str | None = _opt(None, "output directory (written all or nothing)", required=True,
+                           metavar="DIR")
+    rank: int = _opt(8, "rank r (NoRA: the outer rank; dyrank: the target average rank)", group=ADAPTER)
+    inner_rank: int | None = _opt(None, "NoRA only: inner rank r' < rank", group=ADAPTER,
+                                  default_help="rank // 2")
+    alpha: float = _opt(16.0, "scale numerator alpha (see the scale per method)", group=ADAPTER,
+                        flags=("--lora-alpha", "--alpha"), metavar="ALPHA")
+    targets: tuple[str, ...] = _opt(
+        LLAMA_TARGETS, "comma-separated module-name suffixes of the nn.Linear layers to adapt",
+        group=ADAPTER, parse=_split_targets, default_help=",".join(LLAMA_TARGETS))
+    lr: float = _opt(2e-4, "AdamW learning rate", group=OPTIM)
+    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)", group=OPTIM,
+                                 default_help="from --epochs")
+    epochs: float | None = _opt(None, "passes over the data when --max-steps is unset", group=OPTIM,
+                                default_help="1")
+    batch_size: int = _opt(8, "sequences per step", group=OPTIM)
+    max_length: int = _opt(512, "truncate sequences to this many tokens", group=OPTIM)
+    seed: int = _opt(0, "seed for the init and the data order", group=OPTIM)
+    dtype: str = _opt("auto", "base model dtype; adapter weights stay float32", group=RUNTIME,
+                      choices=DTYPE_CHOICES, default_help="auto: float32 on CPU, bfloat16 on GPU")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ...", group=RUNTIME,
+                       default_help="auto: cuda when available")
+    dropout: float = _opt(0.0, "dropout on the adapter input", group=ADAPTER)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", group=OPTIM)
+    warmup_steps: int = _opt(0, "linear learning-rate warmup steps", group=OPTIM)
+    schedule: str = _opt("linear", "learning-rate decay after warmup", group=OPTIM,
+                         choices=("constant", "linear", "cosine"))
+    grad_clip: float = _opt(1.0, "max gradient norm, 0 to disable", group=OPTIM)
+    use_rslora: bool = _opt(False, "lora only: scale alpha/sqrt(r)", group=ADAPTER,
+                            flags=("--rslora", "--use-rslora"))
+    calibration: int = _opt(0, "NoRA only: activation-aware SVD from the first N training "
+                               "examples (0: plain SVD of W0)", group=ADAPTER, metavar="N")
+    dyrank_warmup_ratio: float = _opt(0.15, "fraction of steps before pruning starts", group=DYRANK)
+    dyrank_final_ratio: float = _opt(0.5, "fraction of steps at the end trained with the final "
+                                          "ranks fixed", group=DYRANK)
+    dyrank_interval: int | None = _opt(None, "steps between prunings", group=DYRANK,
+                                       default_help="a tenth of the pruning phase")
+    dyrank_beta: float = _opt(0.9, "EMA factor of the importance scores", group=DYRANK)
+    dyrank_reg: float = _opt(0.1, "weight of the component-variance regulariser while pruning",
+                             group=DYRANK)
+    overwrite: bool = _opt(False, "replace --out if it exists")
+    progress: bool = _opt(True, "no progress bar (it shows only when stderr is a terminal)",
+                          group=RUNTIME, flags=("--quiet", "--no-progress"), negate=True)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -189,7 +235,8 @@ def prepare(cfg: TrainConfig, examples: list[Example] | None = None):
     tok = AutoTokenizer.from_pretrained(cfg.model)
     if examples is None:
         examples = load_examples(cfg.data, tok, cfg.max_length)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    with _hf_progress_bars(cfg.progress):
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     model.to("cpu")
     names = find_targets(model, cfg.targets)
     mdir = model_dir(cfg.model)
@@ -217,6 +264,30 @@ def prepare(cfg: TrainConfig, examples: list[Example] | None = None):
     layers = inject(model, cfg.method, names, weights=weights, seed=cfg.seed, act_scales=act_scales, **layer_kw)
     info = {"base_fingerprints": fps, "calibration": calib}
     return model, tok, layers, examples, info
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(progress: bool):
+    """transformers' own bars (``Loading weights``) follow ours: off with ``progress=False`` or
+    when stderr is not a terminal (no ``\r`` lines in logs); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    off = was and not (progress and _stderr_is_tty())
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off:
+            hf_logging.enable_progress_bar()
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dict, rank_pattern=None) -> NativeAdapter:
@@ -254,6 +325,8 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
     if cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
         # Fail before training, not after.
         raise FileExistsError(f"{cfg.out}: already exists (use --overwrite to replace it)")
+    # The plot is optional: without matplotlib say so now, train, and save all but loss.png.
+    plot = cfg.out is not None and have_matplotlib(warn=True)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, tok, layers, examples, info = prepare(cfg, examples)
@@ -279,7 +352,9 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     log = {"method": cfg.method, "step": [], "loss": [], "lr": [], "step_time_s": []}
     model.train()
-    bar = tqdm(total=total, desc=f"nora-train {cfg.method}", disable=not cfg.progress, dynamic_ncols=True)
+    # disable=None: no bar (no "\r" lines in logs) when stderr is not a terminal.
+    bar = tqdm(total=total, desc=f"nora-train {cfg.method}", disable=None if cfg.progress else True,
+               dynamic_ncols=True)
     t_start = time.perf_counter()
     for step, batch in enumerate(batches(examples, cfg.batch_size, total, cfg.seed)):
         t0 = time.perf_counter()
@@ -337,7 +412,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
                          "rank_pattern": rank_pattern}
     out = None
     if cfg.out is not None:
-        out = save(cfg.out, adapter, log, overwrite=cfg.overwrite)
+        out = save(cfg.out, adapter, log, overwrite=cfg.overwrite, plot=plot)
     return TrainResult(model, layers, adapter, log, out, tok)
 
 
@@ -345,13 +420,31 @@ def _frozen_names(layer: AdapterLinear) -> set[str]:
     return {n for n, _ in layer.named_buffers(recurse=False) if n not in ("pruned", "score")}
 
 
-def save(out: str | Path, adapter: NativeAdapter, log: dict, overwrite: bool = False) -> Path:
-    """Adapter plus log and plot, all or nothing."""
+MISSING_PLOT = (f"matplotlib is not installed, so {PLOT_NAME} will not be written (the loss is in "
+                f"{LOG_NAME}); for the plot: pip install 'nora-serve[train]'")
+
+
+def have_matplotlib(warn: bool = False) -> bool:
+    """Whether ``loss.png`` can be drawn; with ``warn``, a ``NoraWarning`` when it cannot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if warn:
+            warnings.warn(MISSING_PLOT, NoraWarning, stacklevel=3)
+        return False
+    return True
+
+
+def save(out: str | Path, adapter: NativeAdapter, log: dict, overwrite: bool = False,
+         plot: bool = True) -> Path:
+    """Adapter plus log and (with ``plot`` and matplotlib) the loss plot, all or nothing."""
     out = Path(out)
+    plot = plot and have_matplotlib(warn=True)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         adapter.save(tmp, overwrite=True)
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
-        plot_loss(log, tmp / PLOT_NAME)
+        if plot:
+            plot_loss(log, tmp / PLOT_NAME)
     return out
 
 
