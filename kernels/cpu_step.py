@@ -87,6 +87,14 @@ def _add_mm(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
         out += _mm(a.to(b_t.dtype) if a.dtype != b_t.dtype else a, b_t).to(out.dtype)
 
 
+def _pair(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """out += scale * (x a^T) b^T: one adapter's shrink and expand."""
+    h = _mm(x, a.t())
+    if scale != 1.0:
+        h.mul_(scale)
+    _add_mm(out, h, b.t())
+
+
 def _w3(w: torch.Tensor) -> torch.Tensor:
     return w[:, 0] if w.dim() == 4 else w
 
@@ -110,19 +118,13 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
         if route.mode == ALL:
             r = min(rk[route.slot], wa.shape[1])
             if r > 0:
-                h = _mm(x, wa[route.slot, :r].t())
-                if scale != 1.0:
-                    h.mul_(scale)
-                _add_mm(y[:, off:off + n_out], h, wb[route.slot, :, :r].t())
+                _pair(y[:, off:off + n_out], x, wa[route.slot, :r], wb[route.slot, :, :r], scale)
         else:
             res = torch.zeros(xs.shape[0], n_out, dtype=y.dtype)
             for slot, b, n in route.segments:
                 r = min(rk[slot], wa.shape[1])
                 if r > 0:
-                    h = _mm(xs[b:b + n], wa[slot, :r].t())
-                    if scale != 1.0:
-                        h.mul_(scale)
-                    _add_mm(res[b:b + n], h, wb[slot, :, :r].t())
+                    _pair(res[b:b + n], xs[b:b + n], wa[slot, :r], wb[slot, :, :r], scale)
             y[:, off:off + n_out].index_add_(0, route.idx, res)
         off += n_out
 
@@ -158,20 +160,14 @@ def packed_lora_linear(y: torch.Tensor, x: torch.Tensor, packed: Sequence, route
     if route.mode == ALL:
         p = packed[route.slot]
         if p is not None:
-            h = _mm(x, p[0].t())
-            if scale != 1.0:
-                h.mul_(scale)
-            _add_mm(y, h, p[1].t())
+            _pair(y, x, p[0], p[1], scale)
         return
     xs = x.index_select(0, route.idx)
     res = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype)
     for slot, b, n in route.segments:
         p = packed[slot]
         if p is not None:
-            h = _mm(xs[b:b + n], p[0].t())
-            if scale != 1.0:
-                h.mul_(scale)
-            _add_mm(res[b:b + n], h, p[1].t())
+            _pair(res[b:b + n], xs[b:b + n], p[0], p[1], scale)
     y.index_add_(0, route.idx, res)
 
 
@@ -254,12 +250,5 @@ def shared_basis_linear(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
     ``core_idx=None``: every row uses ``cores[slot]`` (one small GEMM, no gather). ``mask``
     [T, 1] bool marks the group's rows (``None``: all); the others get exactly zero, whatever
     their gathered core holds."""
-    h = _mm(x, a.t())
-    if core_idx is None:
-        g = _mm(h, cores[slot].t())
-    else:
-        c = cores.index_select(0, core_idx)  # [T, r, r]: kilobytes
-        g = torch.bmm(c.float(), h.float().unsqueeze(-1)).squeeze(-1)
-        if mask is not None:
-            g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
-    _add_mm(y[:, y_offset:y_offset + b.shape[0]], g.to(b.dtype), b.t())
+    packed_shared_basis_linear(y[:, y_offset:y_offset + b.shape[0]], x, (a, b, (a.shape[0],)),
+                               [cores], core_idx, mask, slot)

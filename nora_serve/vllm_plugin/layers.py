@@ -60,7 +60,7 @@ class SharedBasisLayerMixin:
         self._nora_dense_call = False
         # CPU: each dense index's and each group's weights with the slices packed together
         # (``kernels.cpu_step.pack_slices``), rebuilt when a slot or basis is set.
-        self.nora_cpu = dev.type == "cpu" if isinstance(dev, torch.device) else str(dev) == "cpu"
+        self.nora_cpu = torch.device(dev).type == "cpu"
         self.nora_packed_dense: list = [None] * plan.dense_slots
         self.nora_dense_finite: list[bool] = [True] * plan.dense_slots
         self._nora_stack: cpu_step.Stack | None = None
