@@ -27,6 +27,7 @@ class ModuleEntry:
     shape: tuple[int, int]  # (d_out, d_in)
     # What the fold consumes: the factors, or a Chain (L, C, R) that skips forming L C.
     fold_input: Callable[[torch.dtype], "Factors | Chain"] | None = None
+    scale: float = 1.0  # the method's scale s (the factors already hold it)
 
     def for_fold(self, dtype: torch.dtype):
         return (self.fold_input or self.factors)(dtype)

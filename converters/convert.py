@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir
+from .base_identity import BaseCheck, compare_named_base, find_base, local_model_dir, resolve_identity
 from .errors import AdapterError
 from .fold import RankError, fold
 from .peft_writer import write_peft_lora
@@ -41,6 +42,8 @@ class ConvertReport:
     dtype: str
     verify_error: float | None = None  # worst relative error of --verify, over modules
     notes: list[str] = field(default_factory=list)
+    base_model_name_or_path: str | None = None  # the identity written
+    base_check: str = ""  # one line: what the check against a base covered
 
     @property
     def max_rank(self) -> int:
@@ -119,11 +122,15 @@ def convert_adapter(
     progress: bool = True,
     lora_alpha: float | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    base_model_name_or_path: str | None = None,
 ) -> ConvertReport:
     """Convert the adapter at ``src`` into a PEFT LoRA directory at ``out`` (atomically).
 
-    ``base``: base model directory; checks shapes and fingerprints and is required by formats
-    that need it (VeRA). ``max_rank``/``tolerance``/``allow_truncation``: see :func:`fold`.
+    ``base``: base model directory or a Hub id in the local cache; checks shapes and
+    fingerprints and is required by formats that need it (VeRA). It never relabels: the written
+    ``base_model_name_or_path`` is the source's own (paths made absolute against the source
+    directory), or ``base`` where the source names none; ``base_model_name_or_path`` sets it
+    explicitly. ``max_rank``/``tolerance``/``allow_truncation``: see :func:`fold`.
     ``dtype``: output dtype (default: the source's). ``verify``: recompute the source method's
     forward on random inputs and report the worst relative error. ``lora_alpha``: alpha of
     dynamic-rank DoRA checkpoints, which do not store it.
@@ -138,7 +145,10 @@ def convert_adapter(
     if not (0.0 <= tolerance < 1.0):
         raise AdapterError(f"tolerance must be in [0, 1), got {tolerance}")
     out_dtype = parse_dtype(dtype)
-    d = read_adapter(src, base=base, fmt=fmt, lora_alpha=lora_alpha)
+    base_dir = find_base(base) if base is not None else None
+    d = read_adapter(src, base=base_dir, fmt=fmt, lora_alpha=lora_alpha)
+    identity, notes = _base_identity(d, base, base_dir, base_model_name_or_path)
+    check = getattr(d, "base_check", None) or BaseCheck(None, skipped="no --base given")
     out_dtype = out_dtype or d.dtype
     folded, rows = _fold_all(d, max_rank=max_rank, tolerance=tolerance,
                              allow_truncation=allow_truncation, out_dtype=out_dtype,
@@ -146,7 +156,7 @@ def convert_adapter(
     if not folded:
         raise AdapterError("every module's delta is exactly zero: nothing to serve", file=src)
     verify_error = verify_folded(d, folded) if verify else None
-    base_name = str(Path(base).resolve()) if base is not None else d.base_model_name_or_path
+    base_name = identity["written"]
     meta = {
         "format": "nora-convert",
         "format_version": 1,
@@ -154,6 +164,8 @@ def convert_adapter(
         "source_format": d.format,
         "method": d.method,
         "base_model_name_or_path": base_name,
+        "base_identity": identity,
+        "base_check": check.as_dict(),
         "base_fingerprints": d.base_fingerprints,
         "shared_basis": d.shared_basis,
         "dtype": str(out_dtype).removeprefix("torch."),
@@ -162,7 +174,7 @@ def convert_adapter(
         "modules": {m: {"source_rank": k, "rank": r, "rel_error": e} for m, k, r, e in rows},
         "max_rel_error": max((e for *_, e in rows), default=0.0),
         "verify_max_rel_error": verify_error,
-        "notes": d.notes,
+        "notes": d.notes + notes,
     }
     task_type = d.config.get("task_type") if isinstance(d.config.get("task_type"), str) else "CAUSAL_LM"
     try:
@@ -171,4 +183,41 @@ def convert_adapter(
                             task_type=task_type)
     except FileExistsError as e:
         raise AdapterError(str(e), file=out) from None
-    return ConvertReport(src, out, d.format, d.method, rows, meta["dtype"], verify_error, list(d.notes))
+    return ConvertReport(src, out, d.format, d.method, rows, meta["dtype"], verify_error,
+                         list(d.notes) + notes, base_name, check.line())
+
+
+def _base_identity(d: AdapterDeltas, base, base_dir: Path | None,
+                   explicit: str | None) -> tuple[dict, list[str]]:
+    """The ``base_model_name_or_path`` to write, where it came from, and warnings.
+
+    Explicit > the source's own (resolved against the source directory) > ``--base`` when the
+    source names none. ``--base`` only checks: it never replaces the source's identity."""
+    notes: list[str] = []
+    source = d.base_model_name_or_path if isinstance(d.base_model_name_or_path, str) else None
+    source = source.strip() if source and source.strip() else None
+    src_id = resolve_identity(source, relative_to=d.path)
+    if explicit is not None and str(explicit).strip():
+        written, set_by = resolve_identity(str(explicit), relative_to=Path.cwd()), "explicit"
+        if base_dir is not None:  # a name set on purpose still has to hold the same weights
+            compare_named_base(str(explicit), Path.cwd(), base_dir, d.base_fingerprints or {}, d.path)
+    elif src_id is not None:
+        written, set_by = src_id, "source"
+        # A named base found here was compared by fingerprints in the check; one not here
+        # could not be: say that --base did not replace it.
+        if base_dir is not None and local_model_dir(source, relative_to=d.path) is None:
+            notes.append(f"the source names base {src_id!r} (not found here) and was checked "
+                         f"against --base {base}: kept the source's identity (set another "
+                         "with --base-model-name-or-path)")
+    elif base is not None:
+        written, set_by = resolve_identity(str(base), relative_to=Path.cwd()), "--base"
+    elif d.format == "dora_dyrank":
+        raise AdapterError("a dynamic-rank DoRA checkpoint names no base model: pass --base BASE "
+                           "(checked, and recorded as its base) or --base-model-name-or-path NAME",
+                           file=d.path)
+    else:
+        written, set_by = None, "source"
+        notes.append("the source names no base model (base_model_name_or_path is null; "
+                     "AutoPeftModelForCausalLM cannot load it): pass --base or "
+                     "--base-model-name-or-path to record one")
+    return {"written": written, "set_by": set_by, "source": source}, notes

@@ -1,103 +1,57 @@
-"""One :class:`~.adapter_deltas.ModuleEntry` builder per method: its factors (via
-:mod:`nora_serve.methods`) and its own forward, shared by every format that stores the method."""
+"""The :class:`~.adapter_deltas.ModuleEntry` of one module of any registered method: its factors
+and its own forward come from the method's definition (:mod:`nora_serve.methods`), shared by
+every format that stores the method."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from nora_serve.methods import (
-    adalora_factors,
-    dyrank_factors,
-    lora_factors,
-    three_matrix_factors,
-    vera_factors,
-)
+from nora_serve.methods import Method, get_method
 
 from .adapter_deltas import ModuleEntry
+from .errors import AdapterError
 from .fold import Chain
 
 
-def _f64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(dtype)
+def method_entry(method: Method | str, t: dict[str, torch.Tensor], scale: float, *,
+                 raw: dict[str, torch.Tensor] | None = None, rank: int | None = None,
+                 file: Path | None = None, what: str | None = None) -> ModuleEntry:
+    """One module: ``t`` the method's tensors (short names) as the method computes with them,
+    ``raw`` what the file held (default ``t``), ``rank`` the source rank (default the method's).
+    A method that cannot be folded (``foldable`` False) gets factors that raise an
+    :class:`AdapterError` naming ``file`` and ``what`` (how the file says it is that method)."""
+    m = get_method(method) if isinstance(method, str) else method
+
+    def factors(dt):
+        if not m.foldable:
+            raise AdapterError(
+                f"{what or 'method ' + m.name}: its change of the weights is not a low-rank delta, "
+                "so it cannot be folded into LoRA; serve it as it is: nora-serve MODEL "
+                "--enable-nora, and request it as a LoRA by its name or path", file=file)
+        return m.factors({k: v.detach().to(dt) for k, v in t.items()}, scale)
+
+    return ModuleEntry(
+        raw=dict(t) if raw is None else raw,
+        factors=factors,
+        forward=lambda x: m.forward(t, scale, x),
+        source_rank=m.rank(t) if rank is None else rank,
+        shape=m.shape(t),
+        fold_input=(lambda dt: Chain(*m.chain(t, scale))) if m.chain is not None else None,
+        scale=scale,
+    )
 
 
 def _lora_entry(A, B, scale, rank=None) -> ModuleEntry:
-    return ModuleEntry(
-        raw={"lora_A": A, "lora_B": B},
-        factors=lambda dt: lora_factors(_f64(A, dt), _f64(B, dt), scale),
-        forward=lambda x: scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T),
-        source_rank=A.shape[0] if rank is None else rank,
-        shape=(B.shape[0], A.shape[1]),
-    )
-
-
-def _three_entry(A, N, B, scale) -> ModuleEntry:
-    return ModuleEntry(
-        raw={"lora_A": A, "lora_N": N, "lora_B": B},
-        factors=lambda dt: three_matrix_factors(_f64(A, dt), _f64(N, dt), _f64(B, dt), scale),
-        forward=lambda x: scale * (((x @ A.to(x.dtype).T) @ N.to(x.dtype).T) @ B.to(x.dtype).T),
-        source_rank=A.shape[0],
-        shape=(B.shape[0], A.shape[1]),
-        fold_input=lambda dt: Chain(B, scale * N.detach().to(torch.float64), A),
-    )
+    return method_entry("lora", {"lora_A": A, "lora_B": B}, scale, rank=rank)
 
 
 def _dyrank_entry(A, c, B, scale, pruned=None) -> ModuleEntry:
-    keep = c != 0
-    if pruned is not None:
-        keep = keep & ~pruned
-    gate = torch.where(keep, c, torch.zeros_like(c))
+    """Dynamic-rank DoRA with the official checkpoint's pruning mask (True = pruned): the method
+    computes with ``c`` zeroed where pruned."""
     raw = {"lora_A": A, "lora_c": c, "lora_B": B}
     if pruned is not None:
         raw["pruned"] = pruned
-    return ModuleEntry(
-        raw=raw,
-        factors=lambda dt: dyrank_factors(_f64(A, dt), _f64(c, dt), _f64(B, dt), scale, pruned),
-        forward=lambda x: scale * (((x @ A.to(x.dtype).T) * gate.to(x.dtype)) @ B.to(x.dtype).T),
-        source_rank=int(keep.sum()),
-        shape=(B.shape[0], A.shape[1]),
-    )
-
-
-def _nora_entry(oA, oB, iA, iB, scale) -> ModuleEntry:
-    from nora_serve.methods import nora_factors
-
-    def fwd(x):
-        d = x.dtype
-        return scale * ((((x @ oA.to(d).T) @ iA.to(d).T) @ iB.to(d).T) @ oB.to(d).T)
-
-    return ModuleEntry(
-        raw={"outer_A": oA, "outer_B": oB, "inner_A": iA, "inner_B": iB},
-        factors=lambda dt: nora_factors(_f64(oA, dt), _f64(oB, dt), _f64(iA, dt), _f64(iB, dt), scale),
-        forward=fwd,
-        source_rank=iA.shape[0],
-        shape=(oB.shape[0], oA.shape[1]),
-    )
-
-
-def _adalora_entry(A, E, B, alpha, ranknum) -> ModuleEntry:
-    scale = alpha / (ranknum + 1e-5)
-    return ModuleEntry(
-        raw={"lora_A": A, "lora_E": E, "lora_B": B},
-        factors=lambda dt: adalora_factors(_f64(A, dt), _f64(E, dt), _f64(B, dt), alpha, ranknum),
-        forward=lambda x: (x @ (A.to(x.dtype) * E.to(x.dtype)).T @ B.to(x.dtype).T) * scale,
-        source_rank=A.shape[0],
-        shape=(B.shape[0], A.shape[1]),
-    )
-
-
-def _vera_entry(vA, vB, ld, lb, d_in) -> ModuleEntry:
-    d_out = lb.shape[0]
-
-    def fwd(x):
-        d = x.dtype
-        h = (x @ vA[:, :d_in].to(d).T) * ld.to(d)
-        return (h @ vB[:d_out, :].to(d).T) * lb.to(d)
-
-    return ModuleEntry(
-        raw={"vera_lambda_d": ld, "vera_lambda_b": lb},
-        factors=lambda dt: vera_factors(_f64(vA, dt), _f64(vB, dt), _f64(ld, dt), _f64(lb, dt), d_in),
-        forward=fwd,
-        source_rank=ld.shape[0],
-        shape=(d_out, d_in),
-    )
+        c = torch.where(~pruned, c, torch.zeros_like(c))
+    return method_entry("dyrank", {"lora_A": A, "lora_c": c, "lora_B": B}, scale, raw=raw)

@@ -6,7 +6,7 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     {
       "format": "nora-serve", "format_version": 1,
-      "method": "nora",                  # lora | nora | slora | nlora | inttune | dyrank
+      "method": "nora",                  # a registered native method: lora, nora, loraxs, ...
       "r": 8,                            # rank; NoRA: outer rank; dyrank: start rank r0
       "inner_r": 4,                      # NoRA only: r'
       "lora_alpha": 16, "use_rslora": false,
@@ -18,89 +18,82 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       "rank_pattern": {"model.layers.0.self_attn.q_proj": 6, ...}   # dyrank: true rank per module
     }
 
-Tensors, keyed ``<module>.<name>``:
+Tensors, keyed ``<module>.<name>``, and the scale rule: each method's own, from the method
+registry (:mod:`nora_serve.methods`: ``get_method(name).tensors`` / ``.scale``), e.g.
 
-    lora                    lora_A [r, d_in], lora_B [d_out, r]
-    nora                    outer_A [r, d_in], outer_B [d_out, r]   (frozen, shared basis)
-                            inner_A [r', r],   inner_B [r, r']      (trained)
-    slora / nlora / inttune lora_A [r, d_in], lora_N [r, r], lora_B [d_out, r]
-    dyrank                  lora_A [r0, d_in], lora_c [r0], lora_B [d_out, r0] (pruned: c = 0)
+    lora                    lora_A [r, d_in], lora_B [d_out, r]; alpha / r (rsLoRA: / sqrt(r))
+    nora                    outer_A [r, d_in], outer_B [d_out, r] (frozen, shared basis),
+                            inner_A [r', r], inner_B [r, r'] (trained); alpha / r'
+    slora / nlora / inttune lora_A [r, d_in], lora_N [r, r], lora_B [d_out, r]; alpha / r
+    dyrank                  lora_A [r0, d_in], lora_c [r0], lora_B [d_out, r0]; alpha / r0
+    loraxs                  outer_A [r, d_in], outer_B [d_out, r] (frozen, shared basis),
+                            lora_R [r, r] (trained); alpha / r
 
-Scale rules: lora ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); slora/nlora/inttune
-``alpha / r``; nora ``alpha / r'``; dyrank ``alpha / r0``.
+A method with an ``export`` (PEFT's DoRA) is saved in its own foreign format instead.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nora_serve.methods import (
-    Factors,
-    dyrank_factors,
-    lora_factors,
-    nora_core,
-    nora_factors,
-    three_matrix_core,
-    three_matrix_factors,
-)
+from nora_serve.methods import Factors, get_method, method_names
 
 FORMAT = "nora-serve"
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-METHOD_TENSORS: dict[str, tuple[str, ...]] = {
-    "lora": ("lora_A", "lora_B"),
-    "nora": ("outer_A", "outer_B", "inner_A", "inner_B"),
-    "slora": ("lora_A", "lora_N", "lora_B"),
-    "nlora": ("lora_A", "lora_N", "lora_B"),
-    "inttune": ("lora_A", "lora_N", "lora_B"),
-    "dyrank": ("lora_A", "lora_c", "lora_B"),
-}
+
+class _RegistryView(Mapping):
+    """``{method: value}`` over the registered native methods, read live from the registry
+    (kept for callers of the former tables)."""
+
+    def __init__(self, value, keep=lambda m: True):
+        self._value, self._keep = value, keep
+
+    def _names(self):
+        return [n for n in method_names(native=True) if self._keep(get_method(n))]
+
+    def __getitem__(self, name):
+        if name not in self._names():
+            raise KeyError(name)
+        return self._value(get_method(name))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+
+METHOD_TENSORS: Mapping[str, tuple[str, ...]] = _RegistryView(lambda m: m.tensors)
 # Tensors that are a deterministic function of the base weights: shared between adapters.
-SHARED_TENSORS: dict[str, tuple[str, ...]] = {
-    "nora": ("outer_A", "outer_B"),
-    "inttune": ("lora_A", "lora_B"),
-}
-METHODS = tuple(METHOD_TENSORS)
+SHARED_TENSORS: Mapping[str, tuple[str, str]] = _RegistryView(lambda m: m.shared, lambda m: m.shared_basis)
 
 
 def method_scale(config: dict) -> float:
     """The scalar ``s`` of a native config, by the method's own rule."""
-    method, alpha = config["method"], float(config["lora_alpha"])
-    if method == "nora":
-        return alpha / int(config["inner_r"])
-    if method == "lora" and config.get("use_rslora"):
-        return alpha / math.sqrt(int(config["r"]))
-    return alpha / int(config["r"])
+    return get_method(config["method"]).scale(config)
 
 
 def module_factors(method: str, scale: float, t: dict[str, torch.Tensor]) -> Factors:
     """``ΔW = P Q`` of one module from its native tensors (``t`` keyed by tensor name)."""
-    if method == "lora":
-        return lora_factors(t["lora_A"], t["lora_B"], scale)
-    if method == "nora":
-        return nora_factors(t["outer_A"], t["outer_B"], t["inner_A"], t["inner_B"], scale)
-    if method in ("slora", "nlora", "inttune"):
-        return three_matrix_factors(t["lora_A"], t["lora_N"], t["lora_B"], scale)
-    if method == "dyrank":
-        return dyrank_factors(t["lora_A"], t["lora_c"], t["lora_B"], scale)
-    raise ValueError(f"unknown native method {method!r} (known: {', '.join(METHODS)})")
+    return get_method(method).factors(t, scale)
 
 
 def module_core(method: str, scale: float, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The adapter's own ``r x r`` core ``C`` of a shared-basis method (``ΔW = B_sh C A_sh``,
-    with ``A_sh, B_sh`` = the tensors named in :data:`SHARED_TENSORS`)."""
-    if method == "nora":
-        return nora_core(t["inner_A"], t["inner_B"], scale)
-    if method == "inttune":
-        return three_matrix_core(t["lora_N"], scale)
-    raise ValueError(f"method {method!r} has no shared basis (shared-basis methods: {', '.join(SHARED_TENSORS)})")
+    with ``A_sh, B_sh`` = the tensors named in the method's ``shared``)."""
+    m = get_method(method)
+    if m.core is None:
+        raise ValueError(f"method {method!r} has no shared basis (shared-basis methods: "
+                         f"{', '.join(method_names(shared_basis=True))})")
+    return m.core(t, scale)
 
 
 @dataclass
@@ -137,17 +130,12 @@ class NativeAdapter:
             for m, ts in self.tensors.items()
             for n, t in ts.items()
         }
+        export = get_method(self.method).export
+        if export is not None:  # a method saved in its own (foreign) format
+            cfg, flat = export(cfg, {m: {n: t.detach().to("cpu").contiguous() for n, t in ts.items()}
+                                     for m, ts in self.tensors.items()})
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_file(flat, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         return Path(out)
 
-
-def is_native(path: str | Path) -> bool:
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False

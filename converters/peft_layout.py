@@ -88,9 +88,8 @@ def _check_residual_init(cfg: dict, file: Path) -> None:
 
 
 def _reject_unfoldable_peft_features(cfg: dict, file: Path) -> None:
-    if cfg.get("use_dora"):
-        raise AdapterError("use_dora=true (weight-decomposed DoRA): its delta is not low-rank, "
-                           "cannot be folded into LoRA", file=file)
+    """What no reader takes (``use_dora`` is PEFT LoRA's DoRA method: read by the LoRA reader,
+    refused by the fold)."""
     if cfg.get("modules_to_save"):
         raise AdapterError(f"modules_to_save={cfg['modules_to_save']!r}: the adapter changes whole "
                            "modules, which a LoRA cannot carry", file=file)

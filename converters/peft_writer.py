@@ -83,6 +83,21 @@ def base_identity(metadata: dict) -> str | None:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def _identity_rows(metadata: dict) -> list[tuple[str, str]]:
+    """Where the base name came from (when not simply the source's) and what was checked."""
+    ident = metadata.get("base_identity") or {}
+    rows = []
+    how = {"explicit": "set explicitly (--base-model-name-or-path)",
+           "--base": "from --base (the source names none)"}.get(ident.get("set_by"))
+    if how:
+        src = ident.get("source")
+        rows.append(("base model set", how + (f"; the source names `{src}`" if src else "")))
+    scope = (metadata.get("base_check") or {}).get("scope")
+    if scope:
+        rows.append(("base check", scope.removeprefix("base check: ")))
+    return rows
+
+
 def _yaml_str(v: str) -> str:
     return json.dumps(v)  # a JSON string is a valid double-quoted YAML scalar
 
@@ -109,6 +124,7 @@ def model_card(cfg: dict, metadata: dict) -> str:
         ("source method", f"`{method}`"),
         ("source format", f"`{fmt}`"),
         ("base model", f"`{base}`" if base else "not recorded"),
+        *_identity_rows(metadata),
         ("base weights fingerprint", f"`{ident}` (over {len(metadata['base_fingerprints'])} modules)"
          if ident else "not recorded"),
         ("modules", f"{len(ranks)} folded" + (f", {zero} exactly zero (left out)" if zero else "")),

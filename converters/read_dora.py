@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nora_serve.methods import get_method
+
 from .adapter_deltas import AdapterDeltas, ModuleEntry
 from .errors import AdapterError
 from .method_entries import _dyrank_entry
@@ -116,7 +118,7 @@ def _read_dora(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
             _require(tuple(lin.shape) == (B.shape[0], A.shape[1]), f"shape mismatch: linear.weight {tuple(lin.shape)} vs "
                      f"delta [{B.shape[0]}, {A.shape[1]}]", wfile, module, f"model.{module}.linear.weight")
         alpha = float(alpha_opt) if alpha_opt is not None else _dora_default_alpha(r0)
-        entries[module] = _dyrank_entry(A, c, B, alpha / r0, pruned)
+        entries[module] = _dyrank_entry(A, c, B, get_method("dyrank").scale({"r": r0, "lora_alpha": alpha}), pruned)
     notes = []
     if alpha_opt is None:
         notes.append("lora_alpha is not stored in DoRA checkpoints; assumed the target rank "

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from nora_serve.methods import get_method, is_method, method_names
+
 from . import native
 from .adapter_deltas import AdapterDeltas, ModuleEntry
 from .errors import AdapterError
-from .method_entries import _dyrank_entry, _lora_entry, _nora_entry, _three_entry
+from .method_entries import method_entry
 from .reader_common import _check_alpha, _check_modules_complete, _check_tensors, _dtype_of, _num, _require
 from .tensors_io import load_safetensors, read_json
 
@@ -24,9 +26,11 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
     cfg_path = path / native.CONFIG_NAME
     cfg = read_json(cfg_path)
     method = cfg.get("method")
-    if method not in native.METHOD_TENSORS:
-        raise AdapterError(f"unknown method {method!r} (known: {', '.join(native.METHODS)})", file=cfg_path)
-    for key in ("r", "lora_alpha") + (("inner_r",) if method == "nora" else ()):
+    if not is_method(method) or not get_method(method).native:
+        raise AdapterError(f"unknown method {method!r} (known: {', '.join(method_names(native=True))})",
+                           file=cfg_path)
+    spec = get_method(method)
+    for key in ("r", "lora_alpha") + spec.config_keys:
         _num(cfg, key, cfg_path)
     _check_alpha(cfg, cfg_path)
     try:
@@ -39,7 +43,7 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
                            file=cfg_path)
     wfile = path / native.WEIGHTS_NAME
     tensors = load_safetensors(wfile)
-    names = native.METHOD_TENSORS[method]
+    names = spec.tensors
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, _, name = key.rpartition(".")
@@ -58,32 +62,11 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
     entries: dict[str, ModuleEntry] = {}
     for module in sorted(groups):
         t = groups[module]
-        _check_tensors(t, wfile, module, disk, vectors=("lora_c",))
-
-        def need(cond, tensor, msg):
-            _require(cond, f"shape mismatch: {msg}", wfile, module, f"{module}.{tensor}")
-
-        if method == "nora":
-            oA, oB, iA, iB = t["outer_A"], t["outer_B"], t["inner_A"], t["inner_B"]
-            r = oA.shape[0]
-            need(oB.shape[1] == r, "outer_B", f"outer_B {tuple(oB.shape)} vs outer_A {tuple(oA.shape)}")
-            need(iB.shape[0] == r, "inner_B", f"inner_B {tuple(iB.shape)} vs outer rank {r}")
-            need(iA.shape == (iB.shape[1], r), "inner_A", f"inner_A {tuple(iA.shape)} vs inner_B {tuple(iB.shape)}")
-            entries[module] = _nora_entry(oA, oB, iA, iB, scale)
-        else:
-            A, B = t["lora_A"], t["lora_B"]
-            r = A.shape[0]
-            need(B.shape[1] == r, "lora_B", f"lora_B {tuple(B.shape)} vs lora_A {tuple(A.shape)}")
-            if method == "lora":
-                entries[module] = _lora_entry(A, B, scale)
-            elif method == "dyrank":
-                c = t["lora_c"]
-                need(c.shape == (r,), "lora_c", f"lora_c {tuple(c.shape)} vs rank {r}")
-                entries[module] = _dyrank_entry(A, c, B, scale)
-            else:
-                N = t["lora_N"]
-                need(N.shape == (r, r), "lora_N", f"lora_N {tuple(N.shape)} vs rank {r}")
-                entries[module] = _three_entry(A, N, B, scale)
+        _check_tensors(t, wfile, module, disk, vectors=spec.vectors)
+        bad = spec.check(t)
+        if bad is not None:
+            _require(False, f"shape mismatch: {bad[1]}", wfile, module, f"{module}.{bad[0]}")
+        entries[module] = method_entry(spec, t, scale, file=cfg_path)
     fps = cfg.get("base_fingerprints")
     if fps is not None and not isinstance(fps, dict):
         raise AdapterError("'base_fingerprints' must be an object {module: fingerprint}", file=cfg_path)

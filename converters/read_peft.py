@@ -1,18 +1,20 @@
-"""Stock PEFT adapters: LoRA (rank/alpha patterns, rsLoRA; PiSSA/OLoRA saved converted), AdaLoRA
-and VeRA. The LoRA layout reader also serves the official three-matrix methods
+"""Stock PEFT adapters: LoRA (rank/alpha patterns, rsLoRA; PiSSA/OLoRA saved converted), DoRA
+(``use_dora``: read, never folded), AdaLoRA and VeRA, each mapped onto its registered method.
+The LoRA layout reader also serves the official three-matrix methods
 (:mod:`.read_three_matrix`), which add ``lora_N`` per module."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import torch
 
+from nora_serve.methods import get_method
+
 from .adapter_deltas import AdapterDeltas, ModuleEntry
 from .errors import AdapterError
-from .method_entries import _adalora_entry, _lora_entry, _three_entry, _vera_entry
+from .method_entries import method_entry
 from .peft_layout import (
     CONFIG,
     PEFT_PREFIX,
@@ -36,7 +38,15 @@ from .reader_common import (
 from .tensors_io import load_weights, read_json
 
 
-def _peft_scale(cfg: dict, module: str, rank: int, file: Path, tensor: str) -> float:
+# The on-disk suffix of a method tensor in PEFT's layout (default ``<name>.weight``).
+PEFT_SUFFIX = {"lora_magnitude": "lora_magnitude_vector"}
+
+
+def _peft_suffix(name: str) -> str:
+    return PEFT_SUFFIX.get(name, f"{name}.weight")
+
+
+def _peft_scale(cfg: dict, module: str, rank: int, file: Path, tensor: str, method: str = "lora") -> float:
     r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, module)
     r_cfg = int(cfg["r"]) if r_cfg is None else int(r_cfg)
     if r_cfg != rank:
@@ -44,52 +54,54 @@ def _peft_scale(cfg: dict, module: str, rank: int, file: Path, tensor: str) -> f
                            "(r / rank_pattern)", file=file, module=module, tensor=tensor)
     alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module)
     alpha = float(cfg["lora_alpha"]) if alpha is None else float(alpha)
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return get_method(method).scale({"r": rank, "lora_alpha": alpha, "use_rslora": cfg.get("use_rslora")})
 
 
-def _read_lora_layout(path: Path, *, three: bool) -> tuple[dict, dict[str, ModuleEntry], torch.dtype]:
-    """PEFT's LoRA layout, plus ``lora_N`` per module when ``three``: ``(config, entries,
-    storage dtype)``. The caller names the method."""
+def _read_lora_layout(path: Path, method: str, *, peft_init: bool = True
+                      ) -> tuple[dict, dict[str, ModuleEntry], torch.dtype]:
+    """PEFT's LoRA layout holding the tensors of ``method`` (a registered method that PEFT's
+    LoRA layout stores: lora, dora, or a three-matrix one with ``lora_N``): ``(config, entries,
+    storage dtype)``. ``peft_init``: ``init_lora_weights`` is PEFT's (residualising inits are
+    refused), not the official three-matrix code's."""
+    spec = get_method(method)
     cfg_path = path / CONFIG
     cfg = read_json(cfg_path)
     _num(cfg, "r", cfg_path, kind=int)
     _check_alpha(cfg, cfg_path)
     _reject_unfoldable_peft_features(cfg, cfg_path)
-    if not three:
+    if peft_init:
         _check_residual_init(cfg, cfg_path)
     wfile = _peft_weights_file(path)
     tensors = load_weights(wfile)
-    allowed = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
-    if three:
-        allowed["lora_N.weight"] = "lora_N"
+    names = spec.tensors
+    allowed = {_peft_suffix(n): n for n in names}
     groups = _split_peft_keys(tensors, wfile, allowed)
     if not groups:
         raise AdapterError("no LoRA tensors found", file=wfile)
-    names = ("lora_A", "lora_N", "lora_B") if three else ("lora_A", "lora_B")
-    disk = lambda m, n: f"{PEFT_PREFIX}{m}.{n}.weight"  # noqa: E731
+    if cfg.get("use_dora") and not any("lora_magnitude" in g for g in groups.values()):
+        raise AdapterError("use_dora=true, but the weights hold no lora_magnitude_vector (DoRA "
+                           "needs one per module)", file=cfg_path)
+    disk = lambda m, n: f"{PEFT_PREFIX}{m}.{_peft_suffix(n)}"  # noqa: E731
     _check_modules_complete(groups, names, wfile, disk)
     entries: dict[str, ModuleEntry] = {}
     for module in sorted(groups):
         t = groups[module]
-        _check_tensors(t, wfile, module, disk)
-        A, B = t["lora_A"], t["lora_B"]
-        r = A.shape[0]
-        _require(B.shape[1] == r, f"shape mismatch: lora_B {tuple(B.shape)} vs lora_A {tuple(A.shape)}",
-                 wfile, module, disk(module, "lora_B"))
-        scale = _peft_scale(cfg, module, r, cfg_path, disk(module, "lora_A"))
-        if three:
-            N = t["lora_N"]
-            _require(N.shape == (r, r), f"shape mismatch: lora_N {tuple(N.shape)} vs rank {r}",
-                     wfile, module, disk(module, "lora_N"))
-            entries[module] = _three_entry(A, N, B, scale)
-        else:
-            entries[module] = _lora_entry(A, B, scale)
+        _check_tensors(t, wfile, module, disk, vectors=spec.vectors)
+        bad = spec.check(t)
+        if bad is not None:
+            _require(False, f"shape mismatch: {bad[1]}", wfile, module, disk(module, bad[0]))
+        scale = _peft_scale(cfg, module, t["lora_A"].shape[0], cfg_path, disk(module, "lora_A"), method)
+        what = "use_dora=true (weight-decomposed DoRA)" if cfg.get("use_dora") else None
+        entries[module] = method_entry(spec, t, scale, file=cfg_path, what=what)
     return cfg, entries, _dtype_of(tensors)
 
 
 def _read_peft_lora(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
-    cfg, entries, dtype = _read_lora_layout(path, three=False)
-    return AdapterDeltas(path, "peft_lora", "lora", entries,
+    # PEFT's use_dora (weight-decomposed DoRA) is its own method: read, never folded.
+    use_dora = bool(read_json(path / CONFIG).get("use_dora"))
+    method = "dora" if use_dora else "lora"
+    cfg, entries, dtype = _read_lora_layout(path, method)
+    return AdapterDeltas(path, "peft_lora", method, entries,
                          base_model_name_or_path=cfg.get("base_model_name_or_path"),
                          dtype=dtype, config=cfg)
 
@@ -127,7 +139,8 @@ def _read_peft_adalora(path: Path, base: Path | None, opts: dict) -> AdapterDelt
             _require(survivors == r, f"rank {r} on disk, but rank_pattern keeps {survivors}",
                      cfg_path, module, f"{module}.lora_E")
         ranknum = float(r) if (rank_pattern and ranknum_rule == "surviving") else float(init_r)
-        entries[module] = _adalora_entry(A, E, B, alpha if alpha > 0 else float(r), ranknum)
+        a = alpha if alpha > 0 else float(r)
+        entries[module] = method_entry("adalora", t, get_method("adalora").scale({"lora_alpha": a, "ranknum": ranknum}))
     return AdapterDeltas(path, "peft_adalora", "adalora", entries,
                          base_model_name_or_path=cfg.get("base_model_name_or_path"),
                          dtype=_dtype_of(tensors), config=cfg)
@@ -182,7 +195,8 @@ def _read_peft_vera(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
         _require(d_in <= A_all.shape[1] and d_out <= B_all.shape[0],
                  f"shared vera_A {tuple(A_all.shape)} / vera_B {tuple(B_all.shape)} too small for "
                  f"[{d_out}, {d_in}]", wfile, module, vA[0])
-        entries[module] = _vera_entry(A_all, B_all, ld, lb, d_in)
+        vera = {"vera_A": A_all[:, :d_in], "vera_B": B_all[:d_out, :], "lambda_d": ld, "lambda_b": lb}
+        entries[module] = method_entry("vera", vera, 1.0, raw={"vera_lambda_d": ld, "vera_lambda_b": lb})
     return AdapterDeltas(path, "peft_vera", "vera", entries,
                          base_model_name_or_path=cfg.get("base_model_name_or_path"),
                          dtype=_dtype_of(tensors), config=cfg)

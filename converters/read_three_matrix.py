@@ -9,9 +9,12 @@ from pathlib import Path
 
 import torch
 
+from nora_serve.methods import get_method
+
 from .adapter_deltas import AdapterDeltas
-from .peft_layout import _peft_weights_file, _weight_keys
+from .peft_layout import CONFIG, _peft_weights_file, _weight_keys
 from .read_peft import _read_lora_layout
+from .tensors_io import read_json
 
 
 def _is_three_matrix(path: Path, cfg: dict) -> bool:
@@ -23,20 +26,26 @@ def _is_three_matrix(path: Path, cfg: dict) -> bool:
     return any(".lora_N." in k or k.endswith(".lora_N") for k in keys)
 
 
+# The official init names -> the registered method (any other init: NLoRA, as the official code).
+INIT_METHODS = {"s_lora": "slora", "n_lora": "nlora"}
+
+
 def _read_three_matrix(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
-    cfg, entries, dtype = _read_lora_layout(path, three=True)
-    init = cfg.get("init_lora_weights")
-    method = "slora" if str(init).lower() == "s_lora" else "nlora"
+    init = read_json(path / CONFIG).get("init_lora_weights")
+    method = INIT_METHODS.get(str(init).lower(), "nlora")
+    cfg, entries, dtype = _read_lora_layout(path, method, peft_init=False)
     d = AdapterDeltas(path, "three_matrix", method, entries,
                       base_model_name_or_path=cfg.get("base_model_name_or_path"),
                       dtype=dtype, config=cfg)
-    if method == "nlora" and base is not None and _is_inttune(d, base):
-        d.method = "inttune"
+    variant = get_method(method).frozen_variant
+    if variant is not None and base is not None and _keeps_basis(d, base, get_method(variant)):
+        d.method = variant
     return d
 
 
-def _is_inttune(d: AdapterDeltas, base: Path) -> bool:
-    """IntTune keeps NLoRA's init ``A = W0[:r]``, ``B = W0[:, :r]`` frozen."""
+def _keeps_basis(d: AdapterDeltas, base: Path, variant) -> bool:
+    """Whether every module's shared tensors are still exactly ``variant``'s basis of the base
+    weight (IntTune: NLoRA's init ``A = W0[:r]``, ``B = W0[:, :r]`` kept frozen)."""
     from .fingerprint import load_base_weights
 
     try:
@@ -44,10 +53,12 @@ def _is_inttune(d: AdapterDeltas, base: Path) -> bool:
     except KeyError:
         return False
     for m, e in d.entries.items():
-        A, B = e.raw["lora_A"], e.raw["lora_B"]
-        r = A.shape[0]
+        A = e.raw["lora_A"]
         w = W[m].to(A.dtype)
-        if w.shape != e.shape or not (torch.equal(A, w[:r, :]) and torch.equal(B, w[:, :r])):
+        if tuple(w.shape) != tuple(e.shape):
+            return False
+        basis = variant.basis(w, A.shape[0])
+        if not all(torch.equal(e.raw[n], t) for n, t in basis.items()):
             return False
     return True
 

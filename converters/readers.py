@@ -15,8 +15,8 @@ three_matrix    official SLoRA / NLoRA / IntTune: PEFT layout plus ``lora_N`` pe
                 (:mod:`.read_three_matrix`)
 dora_dyrank     official dynamic-rank DoRA: ``model.safetensors`` + ``prune_state_dict.pt``
                 (:mod:`.read_dora`)
-peft_lora       stock PEFT LoRA (rank/alpha patterns, rsLoRA; PiSSA/OLoRA saved converted)
-                (:mod:`.read_peft`)
+peft_lora       stock PEFT LoRA (rank/alpha patterns, rsLoRA; PiSSA/OLoRA saved converted;
+                ``use_dora``: the method ``dora``, read but never folded) (:mod:`.read_peft`)
 peft_adalora    stock PEFT AdaLoRA (``lora_A``/``lora_E``/``lora_B``) (:mod:`.read_peft`)
 peft_vera       stock PEFT VeRA (shared ``vera_A``/``vera_B``); needs the base for shapes
                 (:mod:`.read_peft`)
@@ -29,11 +29,11 @@ common checks in :mod:`.reader_common`, PEFT's layout in :mod:`.peft_layout`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable
 
 from .adapter_deltas import AdapterDeltas, ModuleEntry
+from .base_identity import BaseCheck, compare_named_base
 from .errors import AdapterError
 from .peft_layout import CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, RESIDUAL_INITS
 from .read_dora import DORA_LORA_SUFFIXES, DORA_PRUNE, DORA_WEIGHTS, _check_dora_frozen, _dora_dir, _read_dora
@@ -102,6 +102,7 @@ def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
                 f"([d_out, d_in]) but the base weight is {list(shapes[key])}",
                 file=deltas.path, module=module, tensor=key)
     fps = base_fingerprints(base, list(deltas.entries))
+    recorded = bool(deltas.base_fingerprints)
     if deltas.base_fingerprints:
         for module, fp in sorted(deltas.base_fingerprints.items()):
             if module in fps and fps[module] != fp:
@@ -110,57 +111,11 @@ def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
                     f"(adapter {fp}, base {fps[module]})",
                     file=deltas.path / CONFIG if (deltas.path / CONFIG).exists() else deltas.path,
                     module=module, tensor=f"{module}.weight")
-    _check_named_base(deltas, Path(base), fps)
-    return fps
-
-
-_HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
-
-
-def _check_named_base(deltas: AdapterDeltas, base: Path, fps: dict[str, str]) -> None:
-    """The base the adapter names (``base_model_name_or_path``), where it can be checked:
-
-    * a directory that exists here (absolute, or relative to the adapter directory): the
-      fingerprints of the targeted modules' weights in it must equal the served base's;
-    * a hub id while the served base is a hub snapshot (``.../models--org--name/snapshots/...``):
-      the ids must be equal.
-
-    Anything else (a hub id with a base in a plain directory, a path that does not exist here)
-    cannot be checked and is accepted; adapters that record ``base_fingerprints`` (the native
-    format) are checked by those."""
-    from .fingerprint import base_fingerprints
-
-    name = deltas.base_model_name_or_path
-    if not isinstance(name, str) or not name.strip():
-        return
-    name = name.strip()
     where = deltas.path / CONFIG if (deltas.path / CONFIG).exists() else deltas.path
-    named = Path(name).expanduser()
-    if not named.is_absolute():
-        named = deltas.path / named
-    try:
-        exists = named.is_dir() and any(named.glob("*.safetensors"))
-        same = exists and named.resolve() == base.resolve()
-    except OSError:
-        exists = same = False
-    if exists and not same:
-        try:
-            theirs = base_fingerprints(named, list(fps))
-        except Exception:  # not a readable base (other layout, missing modules): cannot check
-            return
-        for module in sorted(fps):
-            if theirs.get(module) != fps[module]:
-                raise AdapterError(
-                    f"made for another base model: its base_model_name_or_path {name!r} names a "
-                    f"model whose weights differ from the served model's", file=where,
-                    module=module, tensor=f"{module}.weight")
-        return
-    m = _HUB_SNAPSHOT.search(str(base.resolve()) + "/")
-    if not exists and m and "/" in name and not name.startswith((".", "/", "~")):
-        served = f"{m.group(1)}/{m.group(2)}"
-        if served.lower() != name.lower():
-            raise AdapterError(f"made for another base model: base_model_name_or_path {name!r}, "
-                               f"the served model is {served!r}", file=where)
+    named, note = compare_named_base(deltas.base_model_name_or_path, deltas.path, Path(base), fps, where)
+    deltas.base_check = BaseCheck(str(Path(base).resolve()), shapes=len(deltas.entries),
+                                  fingerprints=len(fps) if recorded or named else 0, note=note)
+    return fps
 
 
 READERS: dict[str, Callable[[Path, Path | None, dict], AdapterDeltas]] = {

@@ -1,4 +1,5 @@
-"""Split a native shared-basis adapter (NoRA, IntTune) into its shared basis and its own cores.
+"""Split a native shared-basis adapter (a method whose definition names ``shared`` tensors:
+NoRA, IntTune, LoRA-XS) into its shared basis and its own cores.
 
 ``ΔW = B_sh C A_sh`` per module: ``A_sh [R, d_in]`` and ``B_sh [d_out, R]`` are a deterministic
 function of the base weights, identical (bit for bit) in every adapter trained from that base
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .native import CONFIG_NAME, SHARED_TENSORS, WEIGHTS_NAME, method_scale, module_core
+from nora_serve.methods import get_method, is_method
+
+from .native import CONFIG_NAME, WEIGHTS_NAME, method_scale
+from .read_native import _is_native_config
 from .tensors_io import load_safetensors, read_json
 
 
@@ -44,10 +48,10 @@ def shared_basis_method(path: str | Path) -> str | None:
         cfg = read_json(cfg_path)
     except Exception:
         return None
-    if cfg.get("format") != "nora-serve":
+    if not isinstance(cfg, dict) or not _is_native_config(cfg):
         return None
     method = cfg.get("method")
-    return method if method in SHARED_TENSORS else None
+    return method if is_method(method) and get_method(method).shared_basis else None
 
 
 def basis_key(basis: dict[str, torch.Tensor]) -> str:
@@ -60,13 +64,14 @@ def basis_key(basis: dict[str, torch.Tensor]) -> str:
 
 
 def split_shared_basis(path: str | Path) -> SharedBasisSplit:
-    """Basis and cores of a native NoRA / IntTune adapter (validate it with the reader first)."""
+    """Basis and cores of a native shared-basis adapter (validate it with the reader first)."""
     path = Path(path)
     cfg = read_json(path / CONFIG_NAME)
     method = cfg["method"]
-    if method not in SHARED_TENSORS:
+    spec = get_method(method)
+    if not spec.shared_basis:
         raise ValueError(f"{path / CONFIG_NAME}: method {method!r} has no shared basis")
-    a_name, b_name = SHARED_TENSORS[method]
+    a_name, b_name = spec.shared
     scale = method_scale(cfg)
     flat = load_safetensors(path / WEIGHTS_NAME)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -77,6 +82,6 @@ def split_shared_basis(path: str | Path) -> SharedBasisSplit:
     for module, t in sorted(per_module.items()):
         basis[f"{module}.A"] = t[a_name].contiguous()
         basis[f"{module}.B"] = t[b_name].contiguous()
-        cores[module] = module_core(method, scale, {k: v.double() for k, v in t.items()}).float()
+        cores[module] = spec.core({k: v.double() for k, v in t.items()}, scale).float()
     ranks = {c.shape[0] for c in cores.values()}
     return SharedBasisSplit(method, max(ranks), basis_key(basis), basis, cores)

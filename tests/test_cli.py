@@ -74,7 +74,8 @@ def test_convert_exit_codes(fixtures_dir, tmp_path, capsys):
 
 def test_convert_warnings_go_to_stderr(fixtures_dir, tmp_path, capsys):
     """The DoRA lora_alpha assumption is a warning: stderr, one line; stdout keeps results."""
-    assert convert_main([str(fixtures_dir / DORA), str(tmp_path / "o"), "--quiet"]) == 0
+    # --base: a DoRA checkpoint names no base of its own (nothing to write as its identity).
+    assert convert_main([str(fixtures_dir / DORA), str(tmp_path / "o"), "--quiet", "--base", str(fixtures_dir / "base")]) == 0
     cap = capsys.readouterr()
     warn = [l for l in cap.err.splitlines() if l.startswith("nora-convert: warning: ")]
     assert len(warn) == 1 and "lora_alpha" in warn[0]

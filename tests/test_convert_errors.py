@@ -182,7 +182,7 @@ def test_refuses_code_pickle_dora_metadata(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "dora_dyrank/checkpoint", tmp_path)
     with open(src / "prune_state_dict.pt", "wb") as f:
         pickle.dump(Evil(), f, protocol=2)
-    assert_fails(capsys, tmp_path, src, contains=["prune_state_dict.pt", "refusing to load"])
+    assert_fails(capsys, tmp_path, src, "--base", fixtures_dir / "base", contains=["prune_state_dict.pt", "refusing to load"])
 
 
 def test_dora_changed_lm_head(fixtures_dir, base_dir, tmp_path, capsys):
@@ -294,7 +294,8 @@ def test_multi_source_partial_failure(fixtures_dir, tmp_path, capsys):
     bad = copy(fixtures_dir, "slora", tmp_path)
     (bad / "adapter_config.json").write_text("nope")
     out = tmp_path / "ALL"
-    code, lines = run_cli(capsys, fixtures_dir / "nlora", bad, fixtures_dir / "dora_dyrank/checkpoint", out, "--quiet")
+    code, lines = run_cli(capsys, fixtures_dir / "nlora", bad, fixtures_dir / "dora_dyrank/checkpoint", out, "--quiet",
+                          "--base", fixtures_dir / "base")
     assert code == 1 and len(lines) == 1 and "malformed JSON" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["dora_dyrank", "nlora"]
 

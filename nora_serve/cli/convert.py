@@ -24,7 +24,7 @@ import torch
 
 from nora_serve.cli import (DTYPE_CHOICES, EXIT_ERROR, EXIT_OK, add_version_flag, usage_error,
                             warn, warnings_to_stderr)
-from nora_serve.converters import FORMATS, AdapterError, convert_adapter
+from nora_serve.converters import FORMATS, AdapterError, convert_adapter, detect_format
 
 PROG = "nora-convert"
 
@@ -38,6 +38,9 @@ formats (detected automatically):
   peft_vera     stock PEFT VeRA (needs --base)
 
 With several sources the last argument is a directory; each source goes to OUT_DIR/<name>.
+Each output says which base check ran ("base check: ..." on stdout, "base_check" in
+nora_convert.json). A dynamic-rank DoRA checkpoint names no base: give --base or
+--base-model-name-or-path (else exit 2).
 """
 
 
@@ -49,8 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT, or SRC... OUT_DIR")
     add_version_flag(p)
-    p.add_argument("--base", metavar="MODEL_DIR",
-                   help="base model directory: checks shapes and fingerprints (required for VeRA)")
+    p.add_argument("--base", metavar="MODEL",
+                   help="base model (a directory, or a Hub id in the local cache) to CHECK the "
+                        "adapter against: shapes, and weight fingerprints where the adapter records "
+                        "them or names a base found here (required for VeRA). It never relabels: "
+                        "the output keeps the source's base_model_name_or_path (made absolute); "
+                        "--base is recorded only where the source names none")
+    p.add_argument("--base-model-name-or-path", metavar="NAME", dest="base_model_name_or_path",
+                   help="record NAME as the output's base_model_name_or_path on purpose (a path "
+                        "is made absolute; a Hub id is kept), instead of the source's")
     p.add_argument("--format", choices=FORMATS, help="force the source format")
     p.add_argument("--max-rank", type=int, metavar="K", help="refuse (or, with truncation allowed, "
                    "truncate) modules whose exact rank exceeds K")
@@ -103,8 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         if dup:
             return usage_error(parser, f"several sources would be written to {out / dup[0]}")
         jobs = [(s, out / n) for s, n in zip(srcs, names)]
+    if args.base is None and args.base_model_name_or_path is None:
+        for s in srcs:  # DoRA checkpoints name no base: refuse before writing a null identity
+            if _format_of(s, args.format) == "dora_dyrank":
+                return usage_error(parser, f"{s}: a dynamic-rank DoRA checkpoint names no base "
+                                           "model: pass --base BASE or --base-model-name-or-path NAME")
     with warnings_to_stderr(PROG):
         return _run(args, jobs)
+
+
+def _format_of(src: Path, fmt: str | None) -> str | None:
+    if fmt is not None:
+        return fmt
+    try:
+        return detect_format(src)
+    except AdapterError:
+        return None  # reported when that source is converted
 
 
 def _run(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int:
@@ -117,7 +141,8 @@ def _run(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int:
                 dtype=None if args.dtype == "auto" else args.dtype, verify=args.verify,
                 overwrite=args.overwrite,
                 progress=not args.quiet, lora_alpha=args.lora_alpha,
-                compute_dtype=getattr(torch, args.compute_dtype))
+                compute_dtype=getattr(torch, args.compute_dtype),
+                base_model_name_or_path=args.base_model_name_or_path)
         except AdapterError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             failed += 1
@@ -135,6 +160,7 @@ def _run(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int:
         if rep.verify_error is not None:
             line += f", verify: worst relative error {rep.verify_error:.3e}"
         print(line)
+        print(f"{dst}: {rep.base_check}")
         for note in rep.notes:  # an assumption the result rests on: a warning, on stderr
             warn(PROG, note)
     return EXIT_ERROR if failed else EXIT_OK

@@ -26,20 +26,28 @@ EPILOG = """\
 data: JSONL, one object per line, either {"text": "..."} (loss on every token) or
 {"prompt": "...", "completion": "..."} (loss on the completion only).
 
-output: DIR/adapter_config.json and DIR/adapter_model.safetensors (native format),
+output: DIR/adapter_config.json and DIR/adapter_model.safetensors (native format;
+dora: PEFT's own DoRA format, loadable by PeftModel.from_pretrained),
 DIR/train_log.json (loss per step) and DIR/loss.png (needs matplotlib: without it,
 a warning and no plot; pip install 'nora-serve[train]').
 
 methods:
-  lora     dW = s B A, s = alpha/r
-  nora     dW = s B_o (B_i A_i) A_o: outer pair from the SVD of W0 (frozen, shared),
-           inner pair [r x r'] trained; s = alpha/r'
-  slora    dW = s B N A, A and N random, B = 0; s = alpha/r
-  nlora    the same with the Nystrom init A = W0[:r], N = W0[:r,:r], B = W0[:,:r]
-  inttune  nlora's init with A and B frozen: only the r x r core N trains
-  dyrank   dynamic-rank DoRA: starts at ceil(1.5 r) components per module, prunes to
-           an average of r on a cubic schedule; s = alpha/ceil(1.5 r)
 """
+
+
+def _methods_help() -> str:
+    """One entry per trainable registered method, from its own summary."""
+    import textwrap
+
+    from nora_serve.methods import get_method
+    from nora_serve.train import METHODS
+
+    lines = []
+    for name in METHODS:
+        wrapped = textwrap.wrap(get_method(name).summary, 78 - 11) or [""]
+        lines.append(f"  {name:<8} {wrapped[0]}")
+        lines += [" " * 11 + w for w in wrapped[1:]]
+    return "\n".join(lines) + "\n"
 
 
 def _base_type(tp):
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train an adapter on a Hugging Face causal LM (CPU, or the GPU when there is one).",
-        epilog=EPILOG,
+        epilog=EPILOG + _methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version_flag(p)

@@ -1,18 +1,29 @@
-"""The methods' math: each module returns a delta as factors ``(P, Q)`` with ``ΔW = P @ Q``.
+"""Adapter methods, one module each, registered in :mod:`.registry`.
 
-Everything else (readers, the fold, the trainer, the server) asks a method for its factors;
-nothing else knows a method's math. Pure torch.
+Each module defines its method's math (a delta as factors ``(P, Q)`` with ``ΔW = P @ Q``, its
+forward, its shared basis, its trainer init) and registers one :class:`Method`. Everything else
+(readers, the fold, the trainer, the server) looks methods up with :func:`get_method`; nothing
+else knows a method's math. Pure torch.
 """
 
 from .base import Factors
+from .registry import InitArgs, Method, get_method, is_method, method_names, register_method
 from .lora import lora_factors, lora_scale
 from .nora import nora_core, nora_factors, svd_outer
 from .three_matrix import nystrom_init, three_matrix_core, three_matrix_factors
-from .dyrank import dyrank_budget, dyrank_factors, dyrank_importance, dyrank_variance_reg
+from .dyrank import dyrank_budget, dyrank_factors, dyrank_importance, dyrank_start_rank, dyrank_variance_reg
 from .peft_variants import adalora_factors, vera_factors
+from .loraxs import loraxs_factors, loraxs_outer
+from .dora import dora_forward, dora_row_scale, dora_serving_form
 
 __all__ = [
     "Factors",
+    "Method",
+    "InitArgs",
+    "register_method",
+    "get_method",
+    "method_names",
+    "is_method",
     "lora_factors",
     "lora_scale",
     "nora_factors",
@@ -24,7 +35,13 @@ __all__ = [
     "dyrank_factors",
     "dyrank_importance",
     "dyrank_budget",
+    "dyrank_start_rank",
     "dyrank_variance_reg",
     "adalora_factors",
     "vera_factors",
+    "loraxs_factors",
+    "loraxs_outer",
+    "dora_forward",
+    "dora_row_scale",
+    "dora_serving_form",
 ]

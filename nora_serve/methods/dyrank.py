@@ -1,14 +1,18 @@
 """Dynamic-rank DoRA (arXiv 2405.17357): single-rank components, pruned per module.
 
 ``ΔW = s · B diag(c) A`` with ``A: [r0, d_in]``, ``c: [r0]``, ``B: [d_out, r0]``,
-``s = lora_alpha / r0`` (fixed to the start rank even after pruning).
+``s = lora_alpha / r0`` (fixed to the start rank ``r0 = ceil(1.5 r)`` even after pruning).
+Init as the official code: ``c = 0``, A and B kaiming-uniform (gain for a = 0).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import Factors
+from .registry import InitArgs, Method, check_pairs, kaiming_, mm, register_method
 
 
 def dyrank_factors(
@@ -54,3 +58,40 @@ def dyrank_variance_reg(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch
     its importance is not carried by a few large weights."""
     total = sum(A.var(dim=1).sum() + B.var(dim=0).sum() for A, B in zip(As, Bs))
     return total / (2 * sum(A.shape[0] for A in As))
+
+
+def dyrank_start_rank(r_target: int) -> int:
+    return math.ceil(1.5 * r_target)
+
+
+def _check(t):
+    A, c, B = t["lora_A"], t["lora_c"], t["lora_B"]
+    r = A.shape[0]
+    return check_pairs(t, ("lora_B", B.shape[1] == r, f"lora_B {tuple(B.shape)} vs lora_A {tuple(A.shape)}"),
+                       ("lora_c", tuple(c.shape) == (r,), f"lora_c {tuple(c.shape)} vs rank {r}"))
+
+
+def _init(a: InitArgs) -> dict[str, torch.Tensor]:
+    r0 = a.r  # the trainer passes the start rank (``start_rank``)
+    return {"lora_A": kaiming_(torch.empty(r0, a.d_in), a.gen, a=0.0),
+            "lora_c": torch.zeros(r0),
+            "lora_B": kaiming_(torch.empty(a.d_out, r0), a.gen, a=0.0)}
+
+
+DYRANK = register_method(Method(
+    name="dyrank",
+    summary="dynamic-rank DoRA: starts at ceil(1.5 r) components per module, prunes to "
+            "an average of r on a cubic schedule; s = alpha/ceil(1.5 r)",
+    tensors=("lora_A", "lora_c", "lora_B"),
+    # Pruned components have c = 0 (the readers pass the masked c), so they drop out.
+    factors=lambda t, s: dyrank_factors(t["lora_A"], t["lora_c"], t["lora_B"], s),
+    forward=lambda t, s, x, W=None: s * (mm(x, t["lora_A"]) * t["lora_c"].to(x.dtype)) @ t["lora_B"].to(x.dtype).T,
+    check=_check,
+    rank=lambda t: int((t["lora_c"] != 0).sum()),
+    shape=lambda t: (t["lora_B"].shape[0], t["lora_A"].shape[1]),
+    vectors=("lora_c",),
+    trainable=("lora_A", "lora_c", "lora_B"),
+    init=_init,
+    start_rank=dyrank_start_rank,
+    dynamic_rank=True,
+))

@@ -1,7 +1,10 @@
 """NoRA (nested LoRA): frozen SVD outer pair, trainable inner pair.
 
 ``ΔW = s · B_o (B_i A_i) A_o`` with ``B_o: [d_out, r]``, ``A_o: [r, d_in]``,
-``B_i: [r, r']``, ``A_i: [r', r]``.
+``B_i: [r, r']``, ``A_i: [r', r]``, ``s = alpha / r'``. The outer pair is the top-``r`` SVD of
+``W0`` (``sqrt(S)`` on each side; activation-aware with a calibration batch), so all NoRA
+adapters of one base and outer settings share it: a shared-basis method with core
+``s B_i A_i``. Init: ``A_i`` kaiming-uniform, ``B_i = 0`` (the model starts at the base).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .base import Factors
+from .registry import InitArgs, Method, check_pairs, kaiming_, max_rank_check, mm, register_method
 
 
 def nora_factors(
@@ -22,6 +26,23 @@ def nora_factors(
     return Factors(scale * (outer_B @ inner_B), inner_A @ outer_A)
 
 
+def top_svd(W0: torch.Tensor, r: int, act_scale: torch.Tensor | None = None):
+    """``(U_r, S_r, Vh_r)`` of ``W0 · diag(act_scale)`` in float64 on the CPU, with a sign
+    convention (the largest-magnitude entry of each left singular vector is positive), so the
+    result is a deterministic function of its inputs. Returns the float64 ``act_scale`` too."""
+    W = W0.detach().to(device="cpu", dtype=torch.float64)
+    s = None
+    if act_scale is not None:
+        s = act_scale.detach().to(device="cpu", dtype=torch.float64)
+        W = W * s[None, :]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = U[:, :r], S[:r], Vh[:r, :]
+    idx = U.abs().argmax(dim=0)
+    sign = torch.sign(U[idx, torch.arange(U.shape[1])])
+    sign[sign == 0] = 1
+    return U * sign[None, :], S, Vh * sign[:, None], s
+
+
 def svd_outer(
     W0: torch.Tensor, r: int, act_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,21 +53,11 @@ def svd_outer(
     (W0, r, act_scale): computed in float64 on the CPU with a sign convention, so adapters
     trained from one base share bit-identical outer factors.
     """
-    W = W0.detach().to(device="cpu", dtype=torch.float64)
-    if act_scale is not None:
-        s = act_scale.detach().to(device="cpu", dtype=torch.float64)
-        W = W * s[None, :]
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    U, S, Vh = U[:, :r], S[:r], Vh[:r, :]
-    # Sign convention: the largest-magnitude entry of each left singular vector is positive.
-    idx = U.abs().argmax(dim=0)
-    sign = torch.sign(U[idx, torch.arange(U.shape[1])])
-    sign[sign == 0] = 1
-    U, Vh = U * sign[None, :], Vh * sign[:, None]
+    U, S, Vh, s = top_svd(W0, r, act_scale)
     root = S.sqrt()
     B_o = U * root[None, :]
     A_o = root[:, None] * Vh
-    if act_scale is not None:
+    if s is not None:
         A_o = A_o / s[None, :]
     return A_o.to(W0.dtype).contiguous(), B_o.to(W0.dtype).contiguous()
 
@@ -54,3 +65,61 @@ def svd_outer(
 def nora_core(inner_A: torch.Tensor, inner_B: torch.Tensor, scale: float) -> torch.Tensor:
     """The ``r x r`` core between the frozen outer pair: ``ΔW = B_o (s B_i A_i) A_o``."""
     return scale * (inner_B @ inner_A)
+
+
+def _check(t):
+    oA, oB, iA, iB = t["outer_A"], t["outer_B"], t["inner_A"], t["inner_B"]
+    r = oA.shape[0]
+    return check_pairs(
+        t,
+        ("outer_B", oB.shape[1] == r, f"outer_B {tuple(oB.shape)} vs outer_A {tuple(oA.shape)}"),
+        ("inner_B", iB.shape[0] == r, f"inner_B {tuple(iB.shape)} vs outer rank {r}"),
+        ("inner_A", tuple(iA.shape) == (iB.shape[1], r), f"inner_A {tuple(iA.shape)} vs inner_B {tuple(iB.shape)}"),
+    )
+
+
+def _validate(config) -> None:
+    r, r_in = int(config["r"]), config.get("inner_r")
+    if r_in is None or not 1 <= int(r_in) < r:
+        raise ValueError(f"NoRA needs 1 <= inner_rank < rank, got inner_rank={r_in}, rank={r}")
+
+
+def _basis(W0, r, act_scale=None):
+    # Of the weight as stored, upcast exactly to float32 first (the SVD itself runs in float64).
+    A_o, B_o = svd_outer(W0.to(torch.float32), r, act_scale)
+    return {"outer_A": A_o, "outer_B": B_o}
+
+
+def _init(a: InitArgs) -> dict[str, torch.Tensor]:
+    max_rank_check("NoRA", a.r, a.d_out, a.d_in)
+    r_in = int(a.config["inner_r"])
+    if not 0 < r_in < a.r:
+        raise ValueError(f"NoRA needs 0 < inner_rank < rank, got inner_rank={r_in}, rank={a.r}")
+    t = _basis(a.W0, a.r, a.act_scale)
+    t["inner_A"] = kaiming_(torch.empty(r_in, a.r), a.gen)
+    t["inner_B"] = torch.zeros(a.r, r_in)
+    return t
+
+
+NORA = register_method(Method(
+    name="nora",
+    summary="dW = s B_o (B_i A_i) A_o: outer pair from the SVD of W0 (frozen, shared), "
+            "inner pair [r x r'] trained; s = alpha/r'",
+    tensors=("outer_A", "outer_B", "inner_A", "inner_B"),
+    factors=lambda t, s: nora_factors(t["outer_A"], t["outer_B"], t["inner_A"], t["inner_B"], s),
+    forward=lambda t, s, x, W=None: s * mm(x, t["outer_A"], t["inner_A"], t["inner_B"], t["outer_B"]),
+    check=_check,
+    rank=lambda t: t["inner_A"].shape[0],
+    shape=lambda t: (t["outer_B"].shape[0], t["outer_A"].shape[1]),
+    scale=lambda c: float(c["lora_alpha"]) / int(c["inner_r"]),
+    config_keys=("inner_r",),
+    shared=("outer_A", "outer_B"),
+    shared_rule="svd",
+    basis=_basis,
+    core=lambda t, s: nora_core(t["inner_A"], t["inner_B"], s),
+    trainable=("inner_A", "inner_B"),
+    init=_init,
+    needs_w0=True,
+    calibration=True,
+    validate=_validate,
+))

@@ -1,5 +1,6 @@
-"""The trainer behind ``nora-train``: LoRA, NoRA, SLoRA/NLoRA/IntTune and dynamic-rank DoRA
-on any Hugging Face causal LM, saved in the native format.
+"""The trainer behind ``nora-train``: every registered method with a trainer init (LoRA, NoRA,
+SLoRA/NLoRA/IntTune, dynamic-rank DoRA, LoRA-XS, PEFT DoRA) on any Hugging Face causal LM, saved
+in the native format (PEFT DoRA: in PEFT's).
 
     from nora_serve.train import TrainConfig, train
     result = train(TrainConfig(model="base/", data="train.jsonl", method="nora", out="adapter/"))
@@ -7,7 +8,7 @@ on any Hugging Face causal LM, saved in the native format.
 
 from .data import DataError, Example, load_examples, read_jsonl
 from .inject import LLAMA_TARGETS, METHODS, find_targets, inject
-from .layers import AdapterLinear, DyRankLinear, LoRALinear, NoRALinear, ThreeMatrixLinear
+from .layers import AdapterLinear, DyRankLinear, MethodLinear
 from .trainer import TrainConfig, TrainResult, count_trainable, prepare, train
 
 __all__ = [
@@ -25,8 +26,6 @@ __all__ = [
     "find_targets",
     "inject",
     "AdapterLinear",
-    "LoRALinear",
-    "NoRALinear",
-    "ThreeMatrixLinear",
+    "MethodLinear",
     "DyRankLinear",
 ]

@@ -1,6 +1,8 @@
 """Put adapter layers into a Hugging Face causal LM, and the frozen factors they start from.
 
-Frozen outer factors (NoRA's SVD pair, IntTune's Nyström slices) are computed from the base
+Each layer is the registered method's (``nora_serve.methods.get_method``): its init, its
+trainable tensors, its forward. Frozen outer factors (NoRA's and LoRA-XS's SVD pairs, IntTune's
+Nyström slices: a method's ``basis``) are computed from the base
 weights *as stored* (the safetensors files, not a dtype-converted copy), so they are a
 deterministic function of (base weights, method, ranks, calibration settings) and two
 adapters trained from one base share them bit for bit.
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .layers import AdapterLinear, DyRankLinear, LoRALinear, NoRALinear, ThreeMatrixLinear
+from nora_serve.methods import InitArgs, dyrank_start_rank, get_method, method_names  # noqa: F401
+
+from .layers import AdapterLinear, DyRankLinear, MethodLinear
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("lora", "nora", "slora", "nlora", "inttune", "dyrank")
+# The methods the trainer can train: every registered method with an init.
+METHODS = method_names(trainable=True)
 
 
 def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
@@ -50,15 +54,9 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
 
 def model_dir(name_or_path: str) -> Path | None:
     """The local directory holding the model's files (a path, or a cached Hub snapshot)."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    try:
-        from huggingface_hub import snapshot_download
+    from nora_serve.converters.base_identity import local_model_dir
 
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except Exception:
-        return None
+    return local_model_dir(name_or_path)  # one resolver for the trainer, converter and server
 
 
 def stored_weights(model: nn.Module, names: list[str], mdir: Path | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -138,31 +136,17 @@ def build_layer(
     act_scale: torch.Tensor | None = None,
     gen: torch.Generator | None = None,
 ) -> AdapterLinear:
-    """One adapter layer around ``base``; ``W0`` is its weight as stored."""
-    from .layers import svd_outer_f32
-
-    d_out, d_in = base.out_features, base.in_features
-    if method == "lora":
-        return LoRALinear(base, r, alpha, use_rslora=use_rslora, dropout=dropout, gen=gen)
-    if method == "nora":
-        if r > min(d_out, d_in):
-            raise ValueError(f"NoRA rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of a target")
-        A_o, B_o = svd_outer_f32(W0, r, act_scale)
-        return NoRALinear(base, A_o, B_o, inner_r, alpha, dropout=dropout, gen=gen)
-    if method in ("slora", "nlora", "inttune"):
-        if method != "slora" and r > min(d_out, d_in):
-            raise ValueError(f"{method} rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of a target")
-        return ThreeMatrixLinear(base, method, r, alpha, W0=W0, dropout=dropout, gen=gen)
-    if method == "dyrank":
-        return DyRankLinear(base, dyrank_start_rank(r), alpha, dropout=dropout, gen=gen)
-    raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-
-
-def dyrank_start_rank(r_target: int) -> int:
-    return math.ceil(1.5 * r_target)
-
-
-NEEDS_W0 = ("nora", "nlora", "inttune")
+    """One adapter layer around ``base``: the method's init (``W0``: its weight as stored, for
+    methods that read it) in the method's layer."""
+    spec = get_method(method)
+    if spec.init is None:
+        raise ValueError(f"method {method!r} cannot be trained (trainable: {', '.join(METHODS)})")
+    r_used = spec.start_rank(r)
+    config = {"r": r_used, "lora_alpha": alpha, "use_rslora": bool(use_rslora and spec.rslora),
+              "inner_r": inner_r}
+    tensors = spec.init(InitArgs(r_used, base.out_features, base.in_features, config, W0, gen, act_scale))
+    cls = DyRankLinear if spec.dynamic_rank else MethodLinear
+    return cls(base, spec, tensors, spec.scale(config), r_used, dropout=dropout)
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
@@ -184,11 +168,11 @@ def inject(
     """Freeze the model and replace each named ``nn.Linear`` with its adapter layer.
 
     ``weights`` yields ``(module, stored weight)`` (default: :func:`stored_weights` of the
-    loaded modules); only NoRA, NLoRA and IntTune read it, one weight at a time."""
+    loaded modules); only methods with ``needs_w0`` read it, one weight at a time."""
     model.requires_grad_(False)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    if method in NEEDS_W0:
+    if get_method(method).needs_w0:
         pairs = weights if weights is not None else stored_weights(model, names, None)
     else:
         pairs = ((n, None) for n in names)

@@ -1,39 +1,18 @@
-"""Trainable adapter layers: each wraps a frozen ``nn.Linear`` and adds its method's delta.
+"""Trainable adapter layers: each wraps a frozen ``nn.Linear`` and adds its method's output.
 
-Every layer runs its method's natural forward (never a dense ``ΔW``), keeps its trainable
-factors in float32 whatever the base dtype, and returns its native tensors for saving
-(:data:`nora_serve.converters.native.METHOD_TENSORS`). Frozen factors are buffers, so they
-never reach the optimizer and are saved from exactly what the forward used.
+One generic layer, :class:`MethodLinear`, for every registered method: the method's trainable
+tensors are parameters (float32 whatever the base dtype), its frozen ones buffers (so they never
+reach the optimizer and are saved from exactly what the forward used), and its forward is the
+method's own (``Method.forward``: the same function ``--verify`` runs; never a dense ``ΔW``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from nora_serve.methods import (
-    Factors,
-    dyrank_factors,
-    dyrank_importance,
-    lora_factors,
-    lora_scale,
-    nora_factors,
-    nystrom_init,
-    svd_outer,
-    three_matrix_factors,
-)
-
-
-def _kaiming_(t: torch.Tensor, gen: torch.Generator | None, a: float = math.sqrt(5)) -> torch.Tensor:
-    """``nn.init.kaiming_uniform_`` (fan_in = t.shape[1]) drawn from ``gen``."""
-    fan_in = t.shape[1]
-    gain = math.sqrt(2.0 / (1 + a * a))
-    bound = gain * math.sqrt(3.0 / fan_in)
-    with torch.no_grad():
-        t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound)
-    return t
+from nora_serve.methods import Factors, Method, dyrank_importance, svd_outer
+from nora_serve.methods.registry import kaiming_ as _kaiming_  # noqa: F401  (kept importable)
 
 
 class AdapterLinear(nn.Module):
@@ -72,124 +51,50 @@ class AdapterLinear(nn.Module):
         return f"method={self.method}, in={self.in_features}, out={self.out_features}"
 
 
-class LoRALinear(AdapterLinear):
-    """``ΔW = s · B A``; A kaiming-uniform, B = 0 (PEFT's default init)."""
+class MethodLinear(AdapterLinear):
+    """A registered method's layer: ``tensors`` (the method's init) become parameters (the
+    method's ``trainable``) or buffers (the rest); ``r`` is the rank the config records."""
 
-    method = "lora"
-
-    def __init__(self, base, r, alpha, *, use_rslora=False, dropout=0.0, gen=None):
+    def __init__(self, base: nn.Linear, spec: Method, tensors: dict[str, torch.Tensor], scale: float,
+                 r: int, *, dropout: float = 0.0):
         super().__init__(base, dropout)
-        self.r, self.scale = r, lora_scale(alpha, r, use_rslora)
-        self.lora_A = nn.Parameter(_kaiming_(torch.empty(r, self.in_features), gen))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
+        self.spec, self.method, self.r, self.scale = spec, spec.name, r, scale
+        dev = base.weight.device
+        for n in spec.tensors:
+            t = tensors[n].to(dev, torch.float32).contiguous()
+            if n in spec.trainable:
+                self.register_parameter(n, nn.Parameter(t))
+            else:
+                self.register_buffer(n, t)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.spec.tensors}
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        return tuple(n for n in self.spec.tensors if n not in self.spec.trainable)
 
     def delta(self, x):
-        return (x @ self.lora_A.T) @ self.lora_B.T * self.scale
+        W = self.base.weight.to(torch.float32) if self.spec.needs_weight else None
+        return self.spec.forward(self.tensors(), self.scale, x, W)
 
     def native_tensors(self):
-        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+        return {n: t.detach() for n, t in self.tensors().items()}
 
     def factors(self):
-        return lora_factors(self.lora_A.detach(), self.lora_B.detach(), self.scale)
+        return self.spec.factors(self.native_tensors(), self.scale)
 
 
-class NoRALinear(AdapterLinear):
-    """``ΔW = s · B_o (B_i A_i) A_o``: outer pair frozen (given, from :func:`svd_outer`),
-    inner pair trained from ``B_i = 0`` so the model starts at the base; ``s = alpha / r'``."""
+class DyRankLinear(MethodLinear):
+    """A method with ``dynamic_rank`` (dynamic-rank DoRA): ``ΔW = s · B diag(c) A`` over ``r0``
+    single-rank components. ``pruned`` (a bool buffer) marks components whose ``c_k`` the pruner
+    zeroes; the importance EMA lives here too, per module."""
 
-    method = "nora"
-
-    def __init__(self, base, outer_A, outer_B, inner_r, alpha, *, dropout=0.0, gen=None):
-        super().__init__(base, dropout)
-        r = outer_A.shape[0]
-        if not 0 < inner_r < r:
-            raise ValueError(f"NoRA needs 0 < inner_rank < rank, got inner_rank={inner_r}, rank={r}")
-        self.r, self.inner_r, self.scale = r, inner_r, alpha / inner_r
+    def __init__(self, base, spec, tensors, scale, r, *, dropout=0.0):
+        super().__init__(base, spec, tensors, scale, r, dropout=dropout)
         dev = base.weight.device
-        self.register_buffer("outer_A", outer_A.to(dev, torch.float32).contiguous())
-        self.register_buffer("outer_B", outer_B.to(dev, torch.float32).contiguous())
-        self.inner_A = nn.Parameter(_kaiming_(torch.empty(inner_r, r), gen).to(dev))
-        self.inner_B = nn.Parameter(torch.zeros(r, inner_r, device=dev))
-
-    def delta(self, x):
-        h = x @ self.outer_A.T
-        h = (h @ self.inner_A.T) @ self.inner_B.T
-        return h @ self.outer_B.T * self.scale
-
-    def native_tensors(self):
-        return {
-            "outer_A": self.outer_A,
-            "outer_B": self.outer_B,
-            "inner_A": self.inner_A.detach(),
-            "inner_B": self.inner_B.detach(),
-        }
-
-    def factors(self):
-        return nora_factors(self.outer_A, self.outer_B, self.inner_A.detach(), self.inner_B.detach(), self.scale)
-
-
-class ThreeMatrixLinear(AdapterLinear):
-    """``ΔW = s · B N A`` with ``s = alpha / r``.
-
-    slora: A, N kaiming-uniform, B = 0. nlora: ``A = W0[:r]``, ``N = W0[:r, :r]``,
-    ``B = W0[:, :r]`` (base not residualised, so ``ΔW != 0`` at step 0). inttune: the nlora
-    init with A and B frozen (buffers); only N trains.
-    """
-
-    def __init__(self, base, method, r, alpha, *, W0=None, dropout=0.0, gen=None):
-        super().__init__(base, dropout)
-        if method not in ("slora", "nlora", "inttune"):
-            raise ValueError(f"not a three-matrix method: {method!r}")
-        self.method, self.r, self.scale = method, r, alpha / r
-        dev = base.weight.device
-        if method == "slora":
-            A = _kaiming_(torch.empty(r, self.in_features), gen)
-            N = _kaiming_(torch.empty(r, r), gen)
-            B = torch.zeros(self.out_features, r)
-        else:
-            # The slices of the base weight as stored (see trainer), in float32.
-            A, N, B = (t.to(torch.float32) for t in nystrom_init(W0, r))
-        A, N, B = A.to(dev), N.to(dev), B.to(dev)
-        if method == "inttune":
-            self.register_buffer("lora_A", A.contiguous())
-            self.register_buffer("lora_B", B.contiguous())
-        else:
-            self.lora_A = nn.Parameter(A.contiguous())
-            self.lora_B = nn.Parameter(B.contiguous())
-        self.lora_N = nn.Parameter(N.contiguous())
-
-    def delta(self, x):
-        return ((x @ self.lora_A.T) @ self.lora_N.T) @ self.lora_B.T * self.scale
-
-    def native_tensors(self):
-        return {"lora_A": self.lora_A.detach(), "lora_N": self.lora_N.detach(), "lora_B": self.lora_B.detach()}
-
-    def factors(self):
-        return three_matrix_factors(self.lora_A.detach(), self.lora_N.detach(), self.lora_B.detach(), self.scale)
-
-
-class DyRankLinear(AdapterLinear):
-    """Dynamic-rank DoRA: ``ΔW = s · B diag(c) A`` over ``r0`` single-rank components.
-
-    ``c = 0`` at the start and A, B kaiming-uniform (as the official code: gain for a = 0);
-    ``s = alpha / r0`` stays fixed after pruning. ``pruned`` (a bool buffer) marks components
-    whose ``c_k`` the pruner zeroes; the importance EMA lives here too, per module.
-    """
-
-    method = "dyrank"
-
-    def __init__(self, base, r0, alpha, *, dropout=0.0, gen=None):
-        super().__init__(base, dropout)
-        self.r, self.scale = r0, alpha / r0
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(_kaiming_(torch.empty(r0, self.in_features), gen, a=0.0).to(dev))
-        self.lora_c = nn.Parameter(torch.zeros(r0, device=dev))
-        self.lora_B = nn.Parameter(_kaiming_(torch.empty(self.out_features, r0), gen, a=0.0).to(dev))
-        self.register_buffer("pruned", torch.zeros(r0, dtype=torch.bool, device=dev))
-        self.register_buffer("score", torch.zeros(r0, device=dev))
-
-    def delta(self, x):
-        return ((x @ self.lora_A.T) * self.lora_c) @ self.lora_B.T * self.scale
+        self.register_buffer("pruned", torch.zeros(r, dtype=torch.bool, device=dev))
+        self.register_buffer("score", torch.zeros(r, device=dev))
 
     @torch.no_grad()
     def update_score(self, beta: float, eps: float = 1e-8) -> None:
@@ -203,12 +108,6 @@ class DyRankLinear(AdapterLinear):
     @property
     def true_rank(self) -> int:
         return int((self.lora_c.detach() != 0).sum())
-
-    def native_tensors(self):
-        return {"lora_A": self.lora_A.detach(), "lora_c": self.lora_c.detach(), "lora_B": self.lora_B.detach()}
-
-    def factors(self):
-        return dyrank_factors(self.lora_A.detach(), self.lora_c.detach(), self.lora_B.detach(), self.scale)
 
 
 def svd_outer_f32(W0: torch.Tensor, r: int, act_scale: torch.Tensor | None = None):

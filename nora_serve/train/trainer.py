@@ -1,4 +1,5 @@
-"""The training loop: load a base, inject a method's layers, train with AdamW, save native.
+"""The training loop: load a base, inject a method's layers, train with AdamW, save native (a
+method with its own format, PEFT's DoRA, saves in that).
 
 Direct on purpose: one loop, no framework. The output directory (written all or nothing) holds
 the native adapter (``adapter_config.json``, ``adapter_model.safetensors``) plus
@@ -22,14 +23,14 @@ import torch
 from nora_serve.converters.atomic import atomic_dir
 from nora_serve.converters.errors import NoraWarning
 from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensor, fingerprint_tensors
-from nora_serve.converters.native import SHARED_TENSORS, NativeAdapter
+from nora_serve.converters.native import NativeAdapter
+from nora_serve.methods import get_method, method_names
 
 from .data import Example, causal_lm_loss, collate, load_examples
 from .dyrank import DyRankPruner
 from .inject import (
     LLAMA_TARGETS,
     METHODS,
-    NEEDS_W0,
     activation_scales,
     calibration_settings,
     find_targets,
@@ -42,7 +43,8 @@ from .layers import AdapterLinear
 LOG_NAME = "train_log.json"
 PLOT_NAME = "loss.png"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHARED_RULES = {"nora": "svd", "inttune": "nystrom"}
+# {method: rule} of the shared-basis methods, from the registry (kept for bench/serve_modes.py).
+SHARED_RULES = {n: get_method(n).shared_rule for n in method_names(shared_basis=True)}
 
 
 def _opt(default, help: str, **cli):
@@ -77,7 +79,8 @@ class TrainConfig:
     method: str = _req("adapter method (see below)", choices=METHODS)
     out: str | None = _opt(None, "output directory (written all or nothing)", required=True,
                            metavar="DIR")
-    rank: int = _opt(8, "rank r (NoRA: the outer rank; dyrank: the target average rank)", group=ADAPTER)
+    rank: int = _opt(8, "rank r (NoRA, LoRA-XS: the outer rank; dyrank: the target average rank)",
+                     group=ADAPTER)
     inner_rank: int | None = _opt(None, "NoRA only: inner rank r' < rank", group=ADAPTER,
                                   default_help="rank // 2")
     alpha: float = _opt(16.0, "scale numerator alpha (see the scale per method)", group=ADAPTER,
@@ -103,7 +106,7 @@ class TrainConfig:
     schedule: str = _opt("linear", "learning-rate decay after warmup", group=OPTIM,
                          choices=("constant", "linear", "cosine"))
     grad_clip: float = _opt(1.0, "max gradient norm, 0 to disable", group=OPTIM)
-    use_rslora: bool = _opt(False, "lora only: scale alpha/sqrt(r)", group=ADAPTER,
+    use_rslora: bool = _opt(False, "lora, loraxs, dora: scale alpha/sqrt(r)", group=ADAPTER,
                             flags=("--rslora", "--use-rslora"))
     calibration: int = _opt(0, "NoRA only: activation-aware SVD from the first N training "
                                "examples (0: plain SVD of W0)", group=ADAPTER, metavar="N")
@@ -122,16 +125,17 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        spec = get_method(self.method)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.method == "nora":
-            r_in = self.inner_r
-            if not 1 <= r_in < self.rank:
-                raise ValueError(f"NoRA needs 1 <= inner_rank < rank, got inner_rank={r_in}, rank={self.rank}")
-        elif self.inner_rank is not None:
-            raise ValueError(f"inner_rank is a NoRA setting; method {self.method!r} takes none")
-        if self.calibration and self.method != "nora":
-            raise ValueError("calibration (activation-aware SVD) applies to NoRA only")
+        if spec.validate is not None:
+            spec.validate({"r": self.rank, "inner_r": self.inner_r, "lora_alpha": self.alpha})
+        if self.inner_rank is not None and "inner_r" not in spec.config_keys:
+            takes = [n for n in METHODS if "inner_r" in get_method(n).config_keys]
+            raise ValueError(f"inner_rank is a setting of {', '.join(takes)}; method {self.method!r} takes none")
+        if self.calibration and not spec.calibration:
+            takes = [n for n in METHODS if get_method(n).calibration]
+            raise ValueError(f"calibration (activation-aware SVD) applies to {', '.join(takes)} only")
         if self.calibration < 0:
             raise ValueError("calibration must be >= 0 examples")
         for k in ("batch_size", "max_length"):
@@ -207,15 +211,16 @@ def batches(examples: list[Example], batch_size: int, total_steps: int, seed: in
 
 
 def shared_basis(cfg: TrainConfig, layers: dict[str, AdapterLinear], calibration: dict | None) -> dict | None:
-    if cfg.method not in SHARED_RULES:
+    spec = get_method(cfg.method)
+    if not spec.shared_basis:
         return None
     shared = {
         f"{n}.{t}": layer.native_tensors()[t].detach().cpu()
         for n, layer in layers.items()
-        for t in SHARED_TENSORS[cfg.method]
+        for t in spec.shared
     }
     return {
-        "rule": SHARED_RULES[cfg.method],
+        "rule": spec.shared_rule,
         "r": cfg.rank,
         "calibration": calibration,
         "fingerprint": fingerprint_tensors(shared),
@@ -255,12 +260,10 @@ def prepare(cfg: TrainConfig, examples: list[Example] | None = None):
         act_scales = activation_scales(model, names, seqs, power=0.5)
         calib = calibration_settings(seqs, cfg.max_length, dtype, 0.5)
 
-    layer_kw = dict(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
-    if cfg.method == "nora":
-        layer_kw["inner_r"] = cfg.inner_r
-    if cfg.method == "lora":
-        layer_kw["use_rslora"] = cfg.use_rslora
-    weights = stored_weights(model, names, mdir) if cfg.method in NEEDS_W0 else None
+    spec = get_method(cfg.method)
+    layer_kw = dict(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                    inner_r=cfg.inner_r if "inner_r" in spec.config_keys else None)
+    weights = stored_weights(model, names, mdir) if spec.needs_w0 else None
     layers = inject(model, cfg.method, names, weights=weights, seed=cfg.seed, act_scales=act_scales, **layer_kw)
     info = {"base_fingerprints": fps, "calibration": calib}
     return model, tok, layers, examples, info
@@ -291,18 +294,19 @@ def _stderr_is_tty() -> bool:
 
 
 def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dict, rank_pattern=None) -> NativeAdapter:
+    spec = get_method(cfg.method)
     config = {
         "method": cfg.method,
         "r": next(iter(layers.values())).r,  # dyrank: the start rank r0
         "lora_alpha": cfg.alpha,
-        "use_rslora": bool(cfg.use_rslora and cfg.method == "lora"),
+        "use_rslora": bool(cfg.use_rslora and spec.rslora),
         "base_model_name_or_path": cfg.model,
         "base_fingerprints": info["base_fingerprints"],
         "shared_basis": shared_basis(cfg, layers, info["calibration"]),
     }
-    if cfg.method == "nora":
+    if "inner_r" in spec.config_keys:
         config["inner_r"] = cfg.inner_r
-    if cfg.method == "dyrank":
+    if spec.dynamic_rank:
         config["rank_pattern"] = rank_pattern
         config["target_r"] = cfg.rank
     tensors = {
@@ -339,7 +343,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     pruner = None
-    if cfg.method == "dyrank":
+    if get_method(cfg.method).dynamic_rank:
         pruner = DyRankPruner(
             layers, total, cfg.rank, warmup_ratio=cfg.dyrank_warmup_ratio, final_ratio=cfg.dyrank_final_ratio,
             interval=cfg.dyrank_interval, beta=cfg.dyrank_beta,
@@ -417,7 +421,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
 
 
 def _frozen_names(layer: AdapterLinear) -> set[str]:
-    return {n for n, _ in layer.named_buffers(recurse=False) if n not in ("pruned", "score")}
+    return set(getattr(layer, "frozen", ()))
 
 
 MISSING_PLOT = (f"matplotlib is not installed, so {PLOT_NAME} will not be written (the loss is in "
