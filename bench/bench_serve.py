@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -410,53 +409,14 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
 # =================================================================================================
 # --server: the OpenAI server and a bounded client
 # =================================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def Server(args, model: Path, extra: list[str], log: Path):
+    """nora-serve in bf16 with the sweep's memory and context settings (the launcher the demo
+    and the tests share)."""
+    from nora_serve.server_process import ServerProcess
 
-
-class Server:
-    def __init__(self, args, model: Path, extra: list[str], log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "nora-serve"
-        self.cmd = [str(exe), str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-                    "--gpu-memory-utilization", str(args.gpu_mem), *extra]
-        self.env = _child_env(args)
-        self.log = log
-        self.timeout = args.mode_timeout
-
-    def __enter__(self):
-        import requests
-
-        self.fh = open(self.log, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        t = time.perf_counter()
-        while time.perf_counter() - t < self.timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{_tail(self.log)}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.startup_s = time.perf_counter() - t
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        self.__exit__()
-        raise TimeoutError(f"server not healthy after {self.timeout} s:\n{_tail(self.log)}")
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.fh.close()
+    return ServerProcess(model, ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
+                                 "--gpu-memory-utilization", str(args.gpu_mem), *extra],
+                         env=_child_env(args), startup_timeout=args.mode_timeout, log=log)
 
 
 def client_run(url: str, models: list[str], prompts: list[list[int]], max_tokens: int, clients: int,

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,59 +50,26 @@ def train(base: Path, data: Path, method: str, out: Path, steps: int) -> float:
     cmd = [_bin("nora-train"), "--model", str(base), "--data", str(data), "--method", method,
            "--out", str(out), "--overwrite", "--rank", "8", "--alpha", "16", "--lr", "1e-2",
            "--max-steps", str(steps), "--batch-size", "16", "--schedule", "constant", "--no-progress"]
-    if method == "nora":
+    from nora_serve.methods import get_method
+
+    if "inner_r" in get_method(method).config_keys:  # NoRA's inner rank
         cmd += ["--inner-rank", "4"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return time.time() - t
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def serve(base: Path, store: Path, static: dict[str, Path], cache: Path, log: Path):
+    """nora-serve on the demo's base, store and cache (the launcher the tests share)."""
+    from nora_serve.server_process import ServerProcess
 
-
-class Server:
-    def __init__(self, base: Path, store: Path, static: dict[str, Path], cache: Path, log: Path):
-        self.port = _port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [_bin("nora-serve"), str(base), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
-                    "--nora-allow-runtime-loading",  # the demo's POST /v1/load_lora_adapter (local only)
-                    "--dtype", "float32", "--max-model-len", "128", "--gpu-memory-utilization", "0.05",
-                    "--lora-modules", *(f"{k}={v}" for k, v in static.items())]
-        self.log = log
-
-    def __enter__(self):
-        import requests
-
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        print("$", " ".join(self.cmd), flush=True)
-        self.fh = self.log.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nora-serve exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"nora-serve did not come up; see {self.log}")
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.fh.close()
+    args = ["--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
+            "--nora-allow-runtime-loading",  # the demo's POST /v1/load_lora_adapter (local only)
+            "--dtype", "float32", "--max-model-len", "128", "--gpu-memory-utilization", "0.05",
+            "--lora-modules", *(f"{k}={v}" for k, v in static.items())]
+    srv = ServerProcess(base, args, log=log)
+    print("$ nora-serve", " ".join(srv.cmd[4:]), flush=True)
+    return srv
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -148,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from openai import OpenAI
     import requests
 
-    with Server(base, store, {"water": paths["water"]}, out / "cache", out / "server.log") as srv:
+    with serve(base, store, {"water": paths["water"]}, out / "cache", out / "server.log") as srv:
         client = OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
         r = requests.post(srv.url + "/v1/load_lora_adapter",
                           json={"lora_name": "counting", "lora_path": str(paths["counting"])}, timeout=300)

@@ -37,6 +37,7 @@ def build(dtype=torch.float32, device="cpu", seed=0):
         nora_cores=[torch.zeros(MAX_LORAS * R_CORE**2, dtype=dtype) for _ in SLICES],
         nora_core_ranks=torch.zeros(len(SLICES), MAX_LORAS, dtype=torch.int32),
         nora_group_rank=[[R_CORE, R_CORE] for _ in SLICES],
+        base_layer=SimpleNamespace(bias=None), tp_size=1, n_slices=len(SLICES),
     )
     bases = {k: [(rnd(R_CORE, D_IN), rnd(n, R_CORE)) for n in SLICES] for k in ("k1", "k2")}
     want: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -77,7 +78,24 @@ def build(dtype=torch.float32, device="cpu", seed=0):
     for t in [*lay.lora_a_stacked, *lay.lora_b_stacked, *lay.nora_basis_a, *lay.nora_basis_b, *lay.nora_cores]:
         t.data = t.data.to(device)
     lay.nora_core_ranks = lay.nora_core_ranks.to(device)
+    from nora_serve.vllm_plugin.output_scale import OutputScales
+
+    lay.nora_out_scale = OutputScales(lay, plan.dense_slots)  # all 1 (no DoRA adapter)
     return lay, plan, want
+
+
+def weights(lay):
+    """The ``LayerWeights`` the layer hands the punica wrapper, from the layer above as it is now."""
+    from nora_serve.vllm_plugin.storage import LayerWeights
+
+    return LayerWeights(
+        key=getattr(lay, "_nora_key", 0), plan=lay.nora_plan, output_slices=tuple(lay.output_slices),
+        lora_a=tuple(lay.lora_a_stacked), lora_b=tuple(lay.lora_b_stacked), basis_a=lay.nora_basis_a,
+        basis_b=lay.nora_basis_b, cores=lay.nora_cores, core_ranks=lay.nora_core_ranks,
+        group_rank=lay.nora_group_rank, out_scale=lay.nora_out_scale, packed=getattr(lay, "nora_cpu", False),
+        packed_dense=getattr(lay, "nora_packed_dense", []), dense_finite=getattr(lay, "nora_dense_finite", []),
+        packed_basis=getattr(lay, "nora_packed_basis", []),
+        dense_stack=getattr(lay, "nora_dense_stack", lambda: None))
 
 
 def reference(x: torch.Tensor, want, rows: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 MAX_LORAS, R, D_IN, SLICES, VOCAB = 4, 8, 32, (24, 16), 40
 
 
-def _wrapper(cls, index_mapping, prompt_mapping, lora_index_to_id):
+def _wrapper(cls, index_mapping, prompt_mapping, lora_index_to_id, **kw):
     from vllm.lora.layers import LoRAMapping
 
-    w = cls(64, 16, "cpu")
+    w = cls(64, 16, "cpu", **kw)
     w.update_metadata(LoRAMapping(index_mapping, prompt_mapping, is_prefill=True), lora_index_to_id,
                       MAX_LORAS, VOCAB)
     return w
@@ -68,18 +68,16 @@ def test_linear_mixed_batch_matches_loop():
 def test_linear_reads_only_each_adapters_rank():
     """Slots past a loaded adapter's rank are never read (rank-aware: vLLM pads every adapter
     to --max-lora-rank)."""
-    from nora_serve.vllm_plugin import worker
     from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+    from nora_serve.vllm_plugin.state import WorkerState
 
     a, b = _stacked(3)
     x = torch.randn(len(IDS), D_IN)
-    worker.adapter_ranks[7] = 3
-    try:
-        w = _wrapper(NoraPunicaWrapperCPU, IDS, PROMPT_IDS, INDEX_TO_ID)
-        y = torch.zeros(len(IDS), sum(SLICES))
-        w.add_lora_linear(y, x, a, b, 1.0, SLICES)
-    finally:
-        del worker.adapter_ranks[7]
+    state = WorkerState()
+    state.adapter_ranks[7] = 3
+    w = _wrapper(NoraPunicaWrapperCPU, IDS, PROMPT_IDS, INDEX_TO_ID, state=state)
+    y = torch.zeros(len(IDS), sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     a3 = tuple(t.clone() for t in a)
     for t in a3:
         t[1, :, 3:] = 0  # what a rank-3 adapter in slot 1 would hold
@@ -113,7 +111,7 @@ def test_stock_cpu_wrapper_leaks_last_slot_into_base_rows():
 
 
 def test_logits_per_request_and_prompt_rows():
-    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU, prompt_logprobs_rows
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
 
     g = torch.Generator().manual_seed(1)
     la = torch.randn(MAX_LORAS, 1, R, D_IN, generator=g)
@@ -135,12 +133,12 @@ def test_logits_per_request_and_prompt_rows():
                                rtol=1e-5, atol=1e-5)
     # Prompt logprobs: a slice of the step's hidden states, one row per prompt token.
     hidden = torch.randn(len(IDS), D_IN)
-    with prompt_logprobs_rows(hidden):
-        for start, stop in ((0, 3), (3, 5), (5, 8)):
-            rows = hidden[start:stop]
-            y = torch.zeros(stop - start, VOCAB)
-            w.add_lora_logits(y, rows, la, lb, 1.0)
-            torch.testing.assert_close(y, want(rows, _slots()[start:stop]), rtol=1e-5, atol=1e-5)
+    w.state.prompt_hidden_states = hidden  # as the model-runner hook in hooks.py sets it
+    for start, stop in ((0, 3), (3, 5), (5, 8)):
+        rows = hidden[start:stop]
+        y = torch.zeros(stop - start, VOCAB)
+        w.add_lora_logits(y, rows, la, lb, 1.0)
+        torch.testing.assert_close(y, want(rows, _slots()[start:stop]), rtol=1e-5, atol=1e-5)
 
 
 CONVERT = """

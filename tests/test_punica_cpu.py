@@ -58,13 +58,14 @@ def test_compiled_graph_reads_each_steps_routes():
     lay = type("Layer", (type(lay),), {})(**vars(lay))  # weak-referencable, as a real layer
     lay._nora_key = opaque.register(lay)
     w = NoraPunicaWrapperCPU(64, 16, "cpu")
-    lay.nora_eager = lambda call, y, x, weights, scale, sizes: w.nora_linear_eager(y, x, lay)
+    lw = cases.weights(lay)
+    lay.nora_eager = lambda call, y, x, weights, scale, sizes: w.nora_linear_eager(y, x, lw)
     rows = len(cases.MAPPING)
     x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(3))
 
     def layer_forward(x):
         y = torch.zeros(x.shape[0], sum(cases.SLICES))
-        w.add_nora_linear(y, x, lay)
+        w.add_nora_linear(y, x, lw)
         return y * 1.0
 
     compiled = torch.compile(layer_forward, fullgraph=True, dynamic=True)

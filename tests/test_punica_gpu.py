@@ -49,7 +49,6 @@ RECORDED = {11: 3, 14: 5}
 MAPPING = (11, 0, 14, 14, 12, 0, 11, 14, 12)
 N_ROWS = 12  # > len(MAPPING): the rows past the mapping are padding (no adapter)
 SCALE = 0.5
-HOOK_CALLS: list[int] = []
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +64,19 @@ def wrapper_cls():
         except Exception as e:  # pragma: no cover
             pytest.skip(f"vLLM's LoRAKernelMeta does not import: {e!r}")
         mp.setattr(pg, "LoRAKernelMeta", LoRAKernelMeta, raising=False)
-    from nora_serve.vllm_plugin import hooks, punica_gpu
+    from nora_serve.vllm_plugin import punica_gpu
 
-    mp.setattr(hooks, "install_worker_hooks", lambda: HOOK_CALLS.append(1))
     yield punica_gpu.NoraPunicaWrapperGPU
     mp.undo()
 
 
 @pytest.fixture()
-def ranks_recorded(monkeypatch):
-    from nora_serve.vllm_plugin import worker
+def ranks_recorded():
+    from nora_serve.vllm_plugin.state import WorkerState
 
-    monkeypatch.setattr(worker, "adapter_ranks", dict(RECORDED))
-    return worker.adapter_ranks
+    state = WorkerState()
+    state.adapter_ranks.update(RECORDED)
+    return state
 
 
 def _mapping(index_mapping):
@@ -89,7 +88,8 @@ def _mapping(index_mapping):
 def _make(wrapper_cls, ranks_recorded):
     from vllm.config import LoRAConfig
 
-    w = wrapper_cls(64, 8, device=DEVICE, lora_config=LoRAConfig(max_loras=L, max_lora_rank=R))
+    w = wrapper_cls(64, 8, device=DEVICE, lora_config=LoRAConfig(max_loras=L, max_lora_rank=R),
+                    state=ranks_recorded)
     # A longer mapping first, so the base index table holds stale slots past the real one.
     w.update_metadata(_mapping([11, 14, 12, 11] * 3), SLOT_IDS, L + 1, 100)
     w.update_metadata(_mapping(MAPPING), SLOT_IDS, L + 1, 100)
@@ -164,7 +164,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_add_lora_linear_matches_reference(wrapper_cls, ranks_recorded, dtype):
     w = _make(wrapper_cls, ranks_recorded)
-    assert HOOK_CALLS, "the constructor installs the worker hooks"
+    assert w.state is ranks_recorded, "the wrapper reads the worker state it was given"
     a_st, b_st = _weights(dtype)
     x, y = _inputs(dtype)
     ref = _ref_linear(y, x, a_st, b_st)
@@ -231,7 +231,7 @@ def test_rank_table_is_persistent(wrapper_cls, ranks_recorded):
     want = [_slot_of(i) for i in MAPPING] + [-1] * (64 - len(MAPPING))
     assert w.token_slots(64).tolist() == want
 
-    ranks_recorded[15] = 2
+    ranks_recorded.adapter_ranks[15] = 2
     w.update_metadata(_mapping((15, 14, 0)), [11, None, 15, 14], L + 1, 100)
     assert w._slot_ranks.data_ptr() == ptr and w._token_slots.data_ptr() == slots_ptr
     assert w._slot_ranks.tolist() == [3, 0, 2, 5]
@@ -322,14 +322,14 @@ def test_add_nora_linear_dense_and_shared_basis(wrapper_cls, monkeypatch):
     import nora_layer_cases as cases
     from vllm.config import LoRAConfig
 
-    from nora_serve.vllm_plugin import worker
+    from nora_serve.vllm_plugin.state import WorkerState
 
-    monkeypatch.setattr(worker, "adapter_ranks", dict(cases.RANK))
+    state = WorkerState()
+    state.adapter_ranks.update(cases.RANK)
     lay, plan, want = cases.build(device=DEVICE)
-    from nora_serve.vllm_plugin import storage
-
-    monkeypatch.setattr(storage, "_plan", plan)  # the process's plan: update_metadata builds for it
-    w = wrapper_cls(64, 8, device=DEVICE, lora_config=LoRAConfig(max_loras=cases.MAX_LORAS, max_lora_rank=8))
+    state.plan = plan  # the process's plan: update_metadata builds for it
+    w = wrapper_cls(64, 8, device=DEVICE, lora_config=LoRAConfig(max_loras=cases.MAX_LORAS, max_lora_rank=8),
+                    state=state)
     w.update_metadata(_mapping(cases.MAPPING), cases.SLOT_IDS, cases.MAX_LORAS + 1, 100)
     assert plan.refreshed_version == plan.version
     rows = len(cases.MAPPING) + 2
@@ -337,13 +337,15 @@ def test_add_nora_linear_dense_and_shared_basis(wrapper_cls, monkeypatch):
     base = torch.randn(rows, sum(cases.SLICES), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     want_delta = cases.reference(x.cpu(), want, rows)
     y = base.clone()
-    w.add_nora_linear(y, x, lay)
+    w.add_nora_linear(y, x, cases.weights(lay))
     torch.testing.assert_close((y - base).double().cpu(), want_delta, atol=1e-4, rtol=1e-4)
 
     # vLLM runs the layers under torch.compile (fullgraph): the forward only reads views of
     # what update_metadata built.
+    lw = cases.weights(lay)
+
     def fn(y, x):
-        w.add_nora_linear(y, x, lay)
+        w.add_nora_linear(y, x, lw)
         return y
 
     torch._dynamo.reset()

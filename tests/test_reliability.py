@@ -382,7 +382,7 @@ def test_adapter_churn_at_max_loras_2(env, alone):
                    churn_seconds=round(time.monotonic() - t0, 1))
     assert not failures, failures[:5]
     assert srv.get("/health").status_code == 200
-    log = Path(srv.log.name).read_text(errors="replace")
+    log = srv.log.read_text(errors="replace")
     assert "StorageFull" not in log and "EngineDeadError" not in log
 
 
@@ -436,7 +436,7 @@ def test_nan_adapter_in_a_mixed_batch_leaves_others_unchanged(env, alone):
         bad += [(j, r) for j, r in results[1:] if r != (200, alone[j])]
         assert srv.get("/health").status_code == 200, "the NaN adapter killed the engine"
     # The sealed NaN entry was served as it is (not converted again from the clean source).
-    log = Path(srv.log.name).read_text(errors="replace")
+    log = srv.log.read_text(errors="replace")
     assert "resolved adapter 'nanx'" in log and "store/nanx ->" not in log
     FIGURES.update(nan_rounds=3, nan_other_requests=3 * len(others), nan_failures=len(bad),
                    nan_own_answer=str(results[0][1])[:80])

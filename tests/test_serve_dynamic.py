@@ -239,3 +239,29 @@ def test_bad_adapter_in_store_is_4xx_by_name(server, base_dir, store, bad):
         assert words in r.json()["error"]["message"].lower(), r.text
     assert_matches(complete(server.client, str(base_dir), PROMPT, N, prompt_logprobs=False),
                    _want(base_dir, None), "base")
+
+
+def test_metrics_on_vllm_metrics_endpoint(server, base_dir, native, bad, tmp_path):
+    """vLLM's /metrics carries the plugin's counters and gauges, from the API server and from the
+    engine process alike, and they move with what the server does."""
+    before = server.metrics("nora:")
+    assert 'nora:scheduler_deferrals_total{cap="dense"}' in before  # known label values start at 0
+    # A conversion, then a cache hit: the same adapter under a second name.
+    assert _load(server, "metrics_a", native["slora"]).status_code == 200
+    assert _load(server, "metrics_b", native["slora"]).status_code == 200
+    # A refusal of each kind.
+    assert _load(server, "metrics_nan", bad["nan"][0]).status_code == 400
+    assert _load(server, "metrics_ghost", tmp_path / "nothing_here").status_code == 404
+    complete(server.client, "metrics_a", PROMPT, 2, prompt_logprobs=False)  # resident in the engine
+    after = server.metrics("nora:")
+
+    def grew(key, by=1):
+        return after.get(key, 0) - before.get(key, 0) >= by
+
+    assert grew('nora:adapter_conversions_total{format="native"}'), after
+    assert grew("nora:adapter_cache_hits_total"), after
+    assert grew('nora:adapter_refusals_total{reason="invalid"}'), after
+    assert grew('nora:adapter_refusals_total{reason="not_found"}'), after
+    assert after['nora:adapters_resident{storage="dense"}'] >= 1, after
+    assert after["nora:adapter_memory_bytes"] > 0, after
+    assert after["nora:adapter_cache_bytes"] > 0, after

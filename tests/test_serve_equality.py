@@ -76,7 +76,7 @@ def test_models_lists_loaded_adapters(server, adapters):
 
 
 def test_nora_punica_wrapper_selected(server):
-    log = Path(server.log.name).read_text(errors="replace")
+    log = server.log.read_text(errors="replace")
     assert "Using NoraPunicaWrapperCPU" in log
 
 

@@ -405,7 +405,7 @@ def assert_mixed_batch(server, base_dir, adapters: dict, names: list, prompts: l
 def assert_stored_as_cores(server, cores: list, same_basis: list, dense: list) -> None:
     """From the server log: each adapter in ``cores`` was loaded as cores only on a shared basis
     (the groups in ``same_basis`` on one basis), and none of ``dense`` was."""
-    log = Path(server.log.name).read_text(errors="replace")
+    log = server.log.read_text(errors="replace")
     keys = {m.group(1): m.group(2) for m in re.finditer(
         r"nora: adapter (\S+): (?:nora|inttune) with shared basis (\w+), cores only", log)}
     assert set(cores) <= set(keys), (sorted(keys), cores)

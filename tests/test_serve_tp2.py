@@ -63,3 +63,52 @@ def test_shared_basis_storage_tp2(server, adapters):
     assert_stored_as_cores(server, ["nora", "nora_a", "nora_b", "inttune_a", "inttune_b"],
                            same_basis=[("nora_a", "nora_b"), ("inttune_a", "inttune_b")],
                            dense=["slora", "dora", "vera", "rank_pattern", "lora16"])
+
+
+def test_peft_dora_tp2(server, base_dir, adapters, tmp_path_factory):
+    """PEFT DoRA per request at TP 2: the output scale is cut like a LoRA B (column-parallel) or
+    applied to each partial sum (row-parallel); against stock PEFT's forward."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dora_cases import make_peft_dora, peft_run
+    from test_serve_dora import train_dora
+    from test_serve_reference import assert_matches, complete, reference_run
+
+    root = tmp_path_factory.mktemp("dora")
+    doras = {"peft_dora": make_peft_dora(base_dir, root / "peft_dora", seed=7),
+             "trained_dora": train_dora(base_dir, root / "trained_dora")}
+    for name, path in doras.items():
+        r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        assert r.status_code == 200, r.text
+    jobs = [(n, p) for n in (None, "peft_dora", "slora", "trained_dora") for p in PROMPTS]
+
+    def want(n, p):
+        if n in doras:
+            return peft_run(str(base_dir), str(doras[n]), tuple(p), MAX_TOKENS)
+        return reference_run(str(base_dir), str(adapters[n]) if n else None, tuple(p), MAX_TOKENS)
+
+    wants = [want(n, p) for n, p in jobs]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        gots = list(ex.map(lambda j: complete(server.client, j[0] or str(base_dir), j[1], MAX_TOKENS), jobs))
+    for (n, _), got, w in zip(jobs, gots, wants):
+        assert_matches(got, w, n or "base")
+
+
+def test_metrics_count_deferrals_and_residency_tp2(server, base_dir, adapters):
+    """Requests for 5 dense adapters (4 dense slots) and 3 bases (2 resident at once), all at
+    once and long enough to overlap: the engine process holds some back a step, and
+    /metrics of the API server shows it, with both workers' storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = server.metrics("nora:")
+    names = ["slora", "dora", "vera", "rank_pattern", "lora16", "nora_a", "inttune_a", "nora", "nora_b"]
+    with ThreadPoolExecutor(len(names)) as ex:
+        outs = list(ex.map(lambda n: server.post("/v1/completions", {
+            "model": n, "prompt": PROMPTS[0], "max_tokens": 40, "ignore_eos": True}), names))
+    assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
+    m = server.metrics("nora:")
+    held = sum(m[f'nora:scheduler_deferrals_total{{cap="{c}"}}'] - before[f'nora:scheduler_deferrals_total{{cap="{c}"}}']
+               for c in ("dense", "basis"))
+    assert held > 0, m
+    assert m['nora:adapters_resident{storage="cores"}'] >= 1 and m["nora:bases_resident"] >= 1, m
+    assert m["nora:adapter_memory_bytes"] > 0, m

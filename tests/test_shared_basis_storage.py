@@ -161,6 +161,23 @@ def test_nora_flags_reach_the_settings(base_dir):
                                                          "--nora-dense-loras", "0"]))
 
 
+def _cpu_wrapper_case():
+    """The CPU wrapper after the cases' mapping, its row count (mapped rows + 2 padding), inputs
+    and base outputs."""
+    import nora_layer_cases as cases
+    from vllm.lora.layers import LoRAMapping
+
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    w = NoraPunicaWrapperCPU(64, 16, "cpu")
+    w.update_metadata(LoRAMapping(cases.MAPPING, cases.MAPPING, is_prefill=True), cases.SLOT_IDS,
+                      cases.MAX_LORAS, 100)
+    rows = len(cases.MAPPING) + 2
+    x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(1))
+    base = torch.randn(rows, sum(cases.SLICES), generator=torch.Generator().manual_seed(2))
+    return w, rows, x, base
+
+
 @pytest.mark.parametrize("packed", ["no", "segments", "stacked"],
                          ids=["per-slice", "slice-packed", "slice-packed-stacked"])
 def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
@@ -168,10 +185,8 @@ def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
     dummy, no-adapter and padding rows, each row gets exactly its own ΔW x; with the weights
     per slice and slice-packed as the layers keep them on the CPU."""
     import nora_layer_cases as cases
-    from vllm.lora.layers import LoRAMapping
 
     from nora_serve.kernels.cpu_step import pack_slices, stack_packed
-    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
 
     lay, plan, want = cases.build()
     if packed != "no":  # as layers.py packs them (dense index d up to its rank, group g up to its basis rank)
@@ -185,19 +200,38 @@ def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
         lay.nora_dense_finite = [True, True]
         stack = stack_packed(lay.nora_packed_dense) if packed == "stacked" else None
         lay.nora_dense_stack = lambda: stack
-    w = NoraPunicaWrapperCPU(64, 16, "cpu")
-    w.update_metadata(LoRAMapping(cases.MAPPING, cases.MAPPING, is_prefill=True), cases.SLOT_IDS,
-                      cases.MAX_LORAS, 100)
-    rows = len(cases.MAPPING) + 2
-    x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(1))
-    base = torch.randn(rows, sum(cases.SLICES), generator=torch.Generator().manual_seed(2))
+    w, rows, x, base = _cpu_wrapper_case()
     y = base.clone()
-    w.add_nora_linear(y, x, lay)
+    w.add_nora_linear(y, x, cases.weights(lay))
     torch.testing.assert_close((y - base).double(), cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)
     # A changed plan (new version) is seen at once, without a new mapping.
     plan.group_of_slot[3] = -1
     plan.version += 1
     y2 = base.clone()
-    w.add_nora_linear(y2, x, lay)
+    w.add_nora_linear(y2, x, cases.weights(lay))
     moved = (y2 - y).abs().sum(1)
     assert moved[[3, 9]].min() > 0 and moved[[i for i in range(rows) if i not in (3, 9)]].max() == 0
+
+
+def test_cpu_wrapper_scales_the_base_output_of_dora_rows():
+    """PEFT DoRA's per-row output scale: rows of the scaled dense slot get ``v ⊙ base + ΔW x``;
+    every other row (another dense slot, basis groups, no adapter, padding) is untouched."""
+    import nora_layer_cases as cases
+
+    lay, plan, want = cases.build()
+    slot = 0  # dense, lora id 11
+    dense = int(plan.dense_of_slot[slot])
+    v = [1 + 0.5 * torch.rand(n, generator=torch.Generator().manual_seed(3 + i)) for i, n in enumerate(cases.SLICES)]
+    lay.nora_out_scale.set(dense, v)
+    w, rows, x, base = _cpu_wrapper_case()
+    y = base.clone()
+    w.add_nora_linear(y, x, cases.weights(lay))
+    scaled = torch.tensor([lid == cases.SLOTS[slot][0] for lid in cases.MAPPING] + [False, False])
+    want_y = base.double() + cases.reference(x, want, rows)
+    want_y[scaled] += (torch.cat(v).double() - 1) * base[scaled].double()
+    torch.testing.assert_close(y.double(), want_y, atol=1e-5, rtol=1e-5)
+    assert scaled.any() and (~scaled).any()
+    lay.nora_out_scale.set(dense, None)  # unloaded: back to 1 everywhere
+    y = base.clone()
+    w.add_nora_linear(y, x, cases.weights(lay))
+    torch.testing.assert_close(y.double(), base.double() + cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)

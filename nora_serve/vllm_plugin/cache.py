@@ -31,8 +31,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import metrics
+
 MARKER = "nora-cache.json"
 ADAPTER_SUBDIR = "adapter"
+OUTPUT_SCALE_NAME = "output_scale.safetensors"  # served-not-folded methods (DoRA), beside adapter/
 CORES_NAME = "cores.safetensors"  # shared-basis adapters: their own R x R cores, beside adapter/
 BASES_SUBDIR = "bases"  # one file per distinct shared basis, named by its content key
 _HEAD = 1 << 20  # bytes of each base weight file that go into the base identity
@@ -216,6 +219,7 @@ def prepare_adapter(
     base: str | Path | None,
     max_rank: int | None,
     cache_dir: str | Path,
+    served_model: str | None = None,
 ) -> Prepared:
     """Return a stock PEFT LoRA directory equivalent to ``src``, converting on a cache miss.
 
@@ -223,6 +227,8 @@ def prepare_adapter(
     (a ``ValueError`` naming file, module and tensor) for anything wrong with the adapter,
     including a base-model fingerprint mismatch. Only entries this cache wrote are used as
     they are (:func:`trusted_entry`); every other directory is read and checked in full.
+    ``served_model``: the served model's name, the entry's base identity where the source names
+    none and no ``base`` was checked.
     """
     src_path = Path(src).expanduser()
     if not src_path.is_dir():
@@ -232,6 +238,7 @@ def prepare_adapter(
     entry = trusted_entry(src_path, cache_dir)
     if entry is not None:
         _touch(entry)
+        metrics.cache_hit()
         return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
 
     from nora_serve.converters import convert_adapter, detect_format
@@ -243,6 +250,7 @@ def prepare_adapter(
     if (final / MARKER).is_file():
         if trusted_entry(final / ADAPTER_SUBDIR, cache_dir) is not None:
             _touch(final)
+            metrics.cache_hit()
             return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, False)
         _log().warning("nora: cache entry %s does not match its recorded digest; converting again", final)
         _discard(final)
@@ -250,10 +258,13 @@ def prepare_adapter(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{_tmp_tag()}-", dir=cache_dir))
     try:
-        report = convert_adapter(
-            str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
-            fmt=fmt, max_rank=max_rank, progress=False,
-        )
+        report = _write_output_scaled(src_path, fmt, tmp, base)
+        if report is None:
+            report = convert_adapter(
+                str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
+                fmt=fmt, max_rank=max_rank, progress=False,
+                base_model_name_or_path=_fallback_identity(src_path, fmt, base, served_model),
+            )
         meta = {"source": str(src_path), "format": fmt, "key": key, "max_rank": max_rank,
                 "base": str(base) if base else None, "report": _jsonable(report)}
         shared = _write_shared_basis(src_path, tmp, cache_dir)
@@ -271,7 +282,69 @@ def prepare_adapter(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    metrics.converted(fmt)
     return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, True)
+
+
+def _write_output_scaled(src: Path, fmt: str, entry: Path, base) -> dict | None:
+    """A method served but never folded (PEFT's DoRA): its serving form, a stock PEFT LoRA
+    ``B' A`` in ``adapter/`` plus each module's output scale ``v`` in ``output_scale.safetensors``
+    (``output_scale.py``), computed here once from the base weights. ``None`` for every
+    foldable adapter, which the fold converts."""
+    if fmt != "peft_lora":  # the only layout that stores such a method
+        return None
+    import torch
+    from safetensors.torch import save_file
+
+    from nora_serve.converters import read_adapter
+    from nora_serve.converters.errors import AdapterError
+    from nora_serve.converters.fingerprint import load_base_weights
+    from nora_serve.converters.peft_writer import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, peft_config
+    from nora_serve.methods import get_method
+
+    d = read_adapter(src, fmt=fmt, base=base)
+    spec = get_method(d.method)
+    if spec.foldable:
+        return None
+    if spec.serving_form is None:
+        raise AdapterError(f"method {spec.name}: cannot be folded into LoRA nor served", file=src)
+    if base is None:
+        raise AdapterError(f"method {spec.name} needs the base weights to be served: serve a local model "
+                           "directory (with the base check on)", file=src)
+    weights = load_base_weights(base, d.entries)
+    flat, scales, ranks = {}, {}, {}
+    for m, e in sorted(d.entries.items()):
+        W = weights[m].to(torch.float64)
+        A, B, v = spec.serving_form({k: t.to(torch.float64) for k, t in e.raw.items()}, e.scale, W)
+        flat[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.to(d.dtype).contiguous()
+        flat[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.to(d.dtype).contiguous()
+        scales[m] = v.to(torch.float32)
+        ranks[m] = int(A.shape[0])
+    out = entry / ADAPTER_SUBDIR
+    out.mkdir()
+    save_file(flat, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    cfg = peft_config(ranks, base_model_name_or_path=d.base_model_name_or_path)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(scales, str(entry / OUTPUT_SCALE_NAME))
+    return {"method": spec.name, "modules": len(scales), "served_as": "LoRA plus per-row output scale"}
+
+
+def _fallback_identity(src: Path, fmt: str, base, served_model: str | None) -> str | None:
+    """The served model as the entry's identity, only for a source that names no base of its
+    own (a dynamic-rank DoRA checkpoint) converted without a base to check against."""
+    if base is not None or not served_model or fmt != "dora_dyrank":
+        return None
+    return served_model
+
+
+def output_scales(adapter_dir: str | Path) -> dict | None:
+    """The per-module output scales of a cache entry's adapter (``None``: a plain LoRA)."""
+    f = Path(adapter_dir).parent / OUTPUT_SCALE_NAME
+    if not f.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(f))
 
 
 def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:

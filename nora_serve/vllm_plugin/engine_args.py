@@ -1,7 +1,10 @@
-"""``--enable-nora`` and friends: CLI flags -> ``additional_config["nora"]`` -> LoRA defaults."""
+"""``--enable-nora`` and friends: CLI flags -> ``additional_config["nora"]`` -> LoRA defaults.
+
+``hooks.py`` calls these from its ``EngineArgs`` wrappers; nothing here patches vLLM."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -22,9 +25,11 @@ def add_nora_cli_args(parser) -> None:
         return
     group = parser.add_argument_group(
         "nora", "Serve NoRA / SLoRA / NLoRA / IntTune / dynamic-rank DoRA and PEFT adapters "
-        "(converted to LoRA on load; native NoRA / IntTune adapters keep one shared basis and "
-        "only their cores)."
+        "(--help=nora lists these flags). Adapters are converted to LoRA on load; native NoRA / "
+        "IntTune adapters keep one shared basis and only their cores."
     )
+    # Flags whose help states their default themselves: argparse adds no "(default: None)".
+    unset = argparse.SUPPRESS
     group.add_argument(
         "--enable-nora", action="store_true", default=False,
         help="Load adapters of every supported format wherever a LoRA path is accepted, and "
@@ -32,7 +37,7 @@ def add_nora_cli_args(parser) -> None:
         f"--max-lora-rank {DEFAULT_MAX_LORA_RANK}, --max-cpu-loras {DEFAULT_MAX_CPU_LORAS}).",
     )
     group.add_argument(
-        "--nora-adapter-dir", default=None,
+        "--nora-adapter-dir", default=unset,
         help="Adapter store: every adapter directory in it is servable by its name on first "
         "request (implies --enable-nora). Names are plain directory names; nothing outside the "
         "store (symlinks included) is ever read. Does not open /v1/load_lora_adapter.",
@@ -44,11 +49,11 @@ def add_nora_cli_args(parser) -> None:
         "any directory it can read. Use it only together with --api-key, on a trusted network.",
     )
     group.add_argument(
-        "--nora-cache-dir", default=None,
+        "--nora-cache-dir", default=unset,
         help="Where converted adapters are cached (default ~/.cache/nora-serve/adapters).",
     )
     group.add_argument(
-        "--nora-cache-max-gb", type=float, default=None, metavar="GB",
+        "--nora-cache-max-gb", type=float, default=unset, metavar="GB",
         help=f"Bound of the cache (default {DEFAULT_CACHE_MAX_GB:g}; 0: none): least recently "
         "used entries that no loaded adapter uses are removed once it is exceeded.",
     )
@@ -57,7 +62,7 @@ def add_nora_cli_args(parser) -> None:
         help="Do not refuse adapters whose base-model fingerprints differ from the served model.",
     )
     group.add_argument(
-        "--nora-dense-loras", type=int, default=None, metavar="K",
+        "--nora-dense-loras", type=int, default=unset, metavar="K",
         help="Slots with full (padded) LoRA storage, for adapters without a shared basis "
         "(default: all of --max-loras). Native NoRA / IntTune adapters need no such slot: they "
         "keep one copy of their shared basis and only an R x R core per module, so --max-loras "
@@ -65,21 +70,22 @@ def add_nora_cli_args(parser) -> None:
         "a shared basis in one step.",
     )
     group.add_argument(
-        "--nora-max-bases", type=int, default=None, metavar="G",
+        "--nora-max-bases", type=int, default=unset, metavar="G",
         help=f"Distinct shared bases resident at once (default {DEFAULT_MAX_BASES}); each costs "
         "about one rank-R LoRA. The scheduler puts at most G bases in one step.",
     )
     group.add_argument(
-        "--nora-core-rank", type=int, default=None, metavar="R",
+        "--nora-core-rank", type=int, default=unset, metavar="R",
         help=f"Largest shared-basis rank stored as cores (default {DEFAULT_CORE_RANK}); cores "
         "cost R*R per module per slot. Larger ones, and every adapter with 0, are served as "
         "plain LoRA.",
     )
 
 
-def apply_nora_cli_args(engine_args, args) -> None:
+def apply_nora_cli_args(engine_args, args) -> NoraSettings | None:
     """Fold the nora flags into ``engine_args.additional_config`` (the only carrier to the
-    engine and worker processes), then set up the front end if nora is on."""
+    engine and worker processes) and, if nora is on, its LoRA defaults; the settings or
+    ``None``."""
     enabled = bool(getattr(args, "enable_nora", False) or getattr(args, "nora_adapter_dir", None))
     extra = dict(engine_args.additional_config or {}) if isinstance(
         engine_args.additional_config, dict) else engine_args.additional_config
@@ -112,24 +118,31 @@ def apply_nora_cli_args(engine_args, args) -> None:
         engine_args.additional_config = extra
     settings = NoraSettings.from_additional_config(engine_args.additional_config)
     if settings is None:
-        return
+        return None
     # Sizes given on the command line are kept even when they equal vLLM's defaults.
-    engine_args._nora_explicit = {
+    explicit = {
         f for f, flag in (("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"),
                           ("max_cpu_loras", "--max-cpu-loras"))
         if any(a == flag or a.startswith(flag + "=") for a in sys.argv)
     }
+    apply_lora_defaults(engine_args, explicit)
+    # vLLM hands ``args`` to the processes it starts (API servers of --api-server-count N),
+    # which read it with EngineArgs.from_cli_args before they load any plugin: what nora
+    # decided goes back into ``args``, so that they build the same engine config.
+    for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"):
+        if hasattr(args, field):
+            setattr(args, field, getattr(engine_args, field))
     if settings.allow_runtime_loading:
         # Asked for explicitly: vLLM attaches its load/unload routes on this flag (read in this
         # API-server process only). The adapter store does not need it (see serving.py).
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-    from .hooks import install_api_server_hooks
-
-    install_api_server_hooks()
+    return settings
 
 
-def apply_lora_defaults(engine_args) -> None:
-    """With nora on (CLI or ``LLM(additional_config={"nora": {...}})``): LoRA on, sensible sizes."""
+def apply_lora_defaults(engine_args, explicit: set[str] | frozenset = frozenset()) -> None:
+    """With nora on (CLI or ``LLM(additional_config={"nora": {...}})``): LoRA on, sensible sizes.
+    ``explicit``: sizes given on the command line (kept even where they equal vLLM's default).
+    Once LoRA is on, a second call changes nothing."""
     extra = engine_args.additional_config
     if isinstance(extra, dict) and extra.get(KEY) is True:
         extra[KEY] = {"enabled": True}
@@ -139,7 +152,7 @@ def apply_lora_defaults(engine_args) -> None:
 
     # Whoever switched LoRA on themselves chose its sizes; otherwise fill in what is left at
     # vLLM's defaults (and not given explicitly on the command line).
-    keep = set(getattr(engine_args, "_nora_explicit", ()))
+    keep = set(explicit)
     if engine_args.enable_lora:
         keep |= {"max_loras", "max_lora_rank", "max_cpu_loras"}
     engine_args.enable_lora = True

@@ -1,5 +1,5 @@
-"""Every vLLM symbol the plugin wraps, replaces or relies on, in one place (read this on a
-vLLM upgrade).
+"""The one module that installs anything into vLLM, and every vLLM symbol the plugin wraps,
+replaces or relies on, in one place (read this on a vLLM upgrade).
 
 Wrapped or replaced:
 
@@ -7,7 +7,7 @@ Wrapped or replaced:
 |--------------------------------------------------------------------------|----------|------------|
 | vllm.engine.arg_utils.EngineArgs.add_cli_args                            | wrapped  | front end  |
 | vllm.engine.arg_utils.EngineArgs.from_cli_args                           | wrapped  | front end  |
-| vllm.engine.arg_utils.EngineArgs.create_engine_config                    | wrapped  | front end  |
+| vllm.engine.arg_utils.EngineArgs.create_engine_config                    | wrapped  | front, LLM |
 | type(vllm.platforms.current_platform).get_punica_wrapper                 | wrapped  | all        |
 | type(vllm.platforms.current_platform).check_and_update_config (CPU)      | wrapped  | all        |
 | vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU                     | subclass | worker     |
@@ -23,41 +23,78 @@ Wrapped or replaced:
 | vllm.v1.core.sched.scheduler.Scheduler.__init__, .schedule,              | wrapped  | engine core|
 |   ._handle_blocked_waiting_request                                       |          |            |
 | vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict | wrapped  | worker     |
-| vllm.entrypoints.openai.models.serving.OpenAIServingModels.__init__,     | wrapped  | API server |
-|   .load_lora_adapter, .resolve_lora, .show_available_models              |          |            |
+| vllm.entrypoints.openai.models.serving.OpenAIServingModels               | wrapped  | API server |
+|   .load_lora_adapter, .show_available_models                             |          |            |
 | vllm.entrypoints.serve.engine.serving.BaseServing._check_model           | wrapped  | API server |
-| vllm.lora.resolver.LoRAResolver                                          | subclass | API server |
+| vllm.lora.resolver.LoRAResolver (registered in LoRAResolverRegistry)     | subclass | API server |
+
+The API-server wrappers stay because vLLM has no extension point for what they do:
+``load_lora_adapter`` converts and checks an adapter before vLLM sees it (``--lora-modules`` and
+``/v1/load_lora_adapter``: a bad adapter is a 400 naming the file, module and tensor; vLLM's
+resolvers are asked only for unknown names, never for paths); ``show_available_models`` shows
+an adapter's own directory as its ``root`` (vLLM shows the path it was handed, the cache
+entry); ``_check_model`` asks vLLM's own ``resolve_lora`` (and so the store, a registered
+``LoRAResolver``) for an unknown name also when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is off
+(vLLM asks resolvers only when it is on, and that flag also opens the load/unload routes and
+refuses ``--api-server-count`` > 1), and answers a store adapter at fault with the 400 naming
+the fault (vLLM says only "could not be loaded"). ``OpenAIServingModels.__init__`` and
+``.resolve_lora`` are no longer patched: the store is registered with
+``LoRAResolverRegistry.register_resolver``. The launcher patches nothing: ``nora-serve`` runs
+vLLM's ``ServeSubcommand`` (``nora_serve/cli/serve.py``); the ``from_cli_args`` wrapper
+writes nora's decisions back into vLLM's ``args``, which the API server processes of
+``--api-server-count N`` read before they load any plugin.
+
+Attributes the plugin sets on vLLM objects (nothing else is hung on them):
+``LoRAModelManager._last_slot_layout = None`` (vLLM's own: rebuild the step metadata after a
+slot was placed); ``nora_sub_modules`` on our own layer subclasses (by the
+``_create_lora_modules`` wrapper); ``nora_state`` on our layer classes (given once, when
+:func:`~.layers.layer_classes` makes them). Per-process state lives in one object each:
+``WorkerState`` (``state.py``, handed to the punica wrapper's constructor, the layer classes
+and the worker wrappers) and ``FrontEnd`` (``serving.py``, handed to the API-server wrappers
+and the store resolver); the scheduler's per-step caps are kept by scheduler, not on it.
 
 Relied on (signatures and behaviour): PunicaWrapperBase's token_lora_indices / sampler_indices /
 update_metadata, and the stacked weight layout [max_loras, 1, rank, d_in] / [.., d_out, rank];
-the LoRA layers' create_lora_weights / set_lora / reset_lora / slice_lora_a / slice_lora_b /
-_apply_lora_to_output / _init_lora_stream_context / output_slices / n_slices / tp_size;
-LoRAModelManager's modules, packed_modules, lora_index_to_id, _active_adapters,
-_registered_adapters, deactivate_adapter and its first-free-slot choice in activate_adapter;
-LoRAModel(id, rank, loras) and LoRALayerWeights(name, rank, alpha, a, b, scaling); the scheduler's
-running list, lora_config and vllm_config;
-OpenAIServingModels' lora_requests, lora_resolvers, lora_resolver_lock, lora_id_counter,
-engine_client.vllm_config / add_lora; vllm.config.get_current_vllm_config_or_none;
+vllm.lora.punica_wrapper.get_punica_wrapper calling what get_punica_wrapper() names with the
+wrapper's arguments; the LoRA layers' create_lora_weights / set_lora / reset_lora /
+slice_lora_a / slice_lora_b / _apply_lora_to_output / _init_lora_stream_context /
+output_slices / n_slices / tp_size; LoRAModelManager's modules, packed_modules,
+lora_index_to_id, _active_adapters, _registered_adapters, deactivate_adapter and its
+first-free-slot choice in activate_adapter; LoRAModel(id, rank, loras) and
+LoRALayerWeights(name, rank, alpha, a, b, scaling); the scheduler's running list, lora_config
+and vllm_config; OpenAIServingModels' lora_requests, resolve_lora (its resolvers, lock and
+ids), is_base_model; vllm.lora.resolver.LoRAResolverRegistry.register_resolver (read when
+OpenAIServingModels is made); vllm.config.get_current_vllm_config_or_none;
 vllm.config.lora.LoRAConfig defaults; vllm.lora.request.LoRARequest (msgspec struct);
 vllm.lora.utils.get_adapter_absolute_path; vllm.exceptions.LoRAAdapterNotFoundError;
 vllm.entrypoints.serve.create_error_response and serve.engine.protocol.ErrorResponse;
-vllm.entrypoints.launchers.api_server.entry.main (nora-serve); vllm.logger.init_logger;
-BaseServing._is_model_supported and .models; and the env flag VLLM_ALLOW_RUNTIME_LORA_UPDATING,
-which opens vLLM's load/unload routes (set only by --nora-allow-runtime-loading).
+vllm.entrypoints.cli.serve.ServeSubcommand (subparser_init, validate, cmd) and
+serve.utils.api_utils.cli_env_setup (nora-serve); vllm.logger.init_logger /
+configure_logging_from_args; BaseServing._is_model_supported and .models; /metrics built on
+vllm.v1.metrics.prometheus.get_prometheus_registry (prometheus_client's multiprocess mode when
+PROMETHEUS_MULTIPROC_DIR is set, which nora-serve sets: metrics.py); and the env flag
+VLLM_ALLOW_RUNTIME_LORA_UPDATING, which opens vLLM's load/unload routes (set only by
+--nora-allow-runtime-loading).
 
 The same list as data: ``PATCHED`` below; ``register()`` checks it (and the vLLM version)
 before installing anything.
 
-Every wrapper is inert unless ``additional_config["nora"]`` enables the plugin, so vLLM behaves
-exactly as before without ``--enable-nora``. Wrappers are installed at most once per process.
+Everything is installed here, up front or from this module's own wrappers (nothing it calls
+reaches back up): ``register()`` installs the engine-args, platform, compile and scheduler
+wrappers in every process; the ``create_engine_config`` wrapper installs the API-server stage
+where an OpenAI API server's engine config enables nora, and the ``get_punica_wrapper`` wrapper
+the worker stage where a worker's does. Every wrapper is inert unless ``additional_config["nora"]`` enables the
+plugin, so vLLM behaves exactly as before without ``--enable-nora``. Each stage is installed at
+most once per process.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 # The table above as data: (module, attribute path) of every symbol wrapped, replaced or
-# subclassed. register() installs nothing unless the vLLM version is supported and every one
+# subclassed, and of the extension points used (resolve_lora, register_resolver). register() installs nothing unless the vLLM version is supported and every one
 # of these exists (check_vllm); tests/test_reliability.py checks them against the installed vLLM.
 SUPPORTED_VLLM = (0, 32)  # major, minor
 PATCHED: tuple[tuple[str, str], ...] = (
@@ -83,15 +120,17 @@ PATCHED: tuple[tuple[str, str], ...] = (
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
     ("vllm.v1.core.sched.scheduler", "Scheduler._handle_blocked_waiting_request"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_prompt_logprobs_dict"),
-    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.__init__"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
-    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.show_available_models"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
     ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
     ("vllm.lora.resolver", "LoRAResolver"),
+    ("vllm.lora.resolver", "LoRAResolverRegistry.register_resolver"),
 )
 # Imported only where they are used (a CUDA platform): elsewhere their check is skipped.
 GPU_ONLY_MODULES = frozenset({"vllm.lora.punica_wrapper.punica_gpu"})
+# The name the adapter store is registered under in vLLM's LoRAResolverRegistry.
+STORE_RESOLVER = "nora adapter store"
 
 
 def missing_symbols(*, gpu: bool | None = None) -> list[str]:
@@ -142,6 +181,9 @@ def check_vllm() -> str | None:
 
 
 _installed: set[str] = set()
+# The state of this process: one per process kind, made by the stage that needs it.
+_worker_state = None  # state.WorkerState (worker processes)
+_front_end = None  # serving.FrontEnd (API-server processes)
 
 
 def _once(name: str) -> bool:
@@ -177,7 +219,18 @@ def install_general_hooks() -> None:
         @functools.wraps(orig_create)
         def create_engine_config(self, *a, **kw):
             ea.apply_lora_defaults(self)
-            return orig_create(self, *a, **kw)
+            config = orig_create(self, *a, **kw)
+            # An OpenAI API server's config (every API server process makes its own), not an
+            # offline LLM's nor a headless engine's: the API-server stage.
+            from vllm.usage.usage_lib import UsageContext
+
+            from .settings import settings_of
+
+            usage = kw.get("usage_context", a[0] if a else None)
+            settings = settings_of(config)
+            if settings is not None and usage == UsageContext.OPENAI_API_SERVER and not kw.get("headless"):
+                install_front_end(settings, config)
+            return config
 
         EngineArgs.add_cli_args = staticmethod(add_cli_args)
         EngineArgs.from_cli_args = classmethod(from_cli_args)
@@ -196,18 +249,37 @@ def install_general_hooks() -> None:
 
             from .settings import settings_of
 
-            if settings_of(get_current_vllm_config_or_none()) is None:
+            config = get_current_vllm_config_or_none()
+            if settings_of(config) is None:
                 return stock
             if stock.endswith(".PunicaWrapperCPU"):
-                return "nora_serve.vllm_plugin.punica_cpu.NoraPunicaWrapperCPU"
+                install_worker(config)
+                return f"{__name__}.NoraPunicaWrapperCPU"
             if stock.endswith(".PunicaWrapperGPU"):
-                return "nora_serve.vllm_plugin.punica_gpu.NoraPunicaWrapperGPU"
+                install_worker(config)
+                return f"{__name__}.NoraPunicaWrapperGPU"
             return stock
 
         platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
 
     install_scheduler_hooks()
     install_compile_hook()
+
+
+# Named after the classes they build: vLLM logs "Using <name>." for what it builds.
+def NoraPunicaWrapperCPU(*args, **kwargs):  # noqa: N802
+    """What vLLM's ``get_punica_wrapper`` builds with nora on (CPU): our wrapper, given this
+    worker's state."""
+    from . import punica_cpu
+
+    return punica_cpu.NoraPunicaWrapperCPU(*args, state=_worker_state, **kwargs)
+
+
+def NoraPunicaWrapperGPU(*args, **kwargs):  # noqa: N802
+    """As :func:`NoraPunicaWrapperCPU`, on CUDA."""
+    from . import punica_gpu
+
+    return punica_gpu.NoraPunicaWrapperGPU(*args, state=_worker_state, **kwargs)
 
 
 def install_compile_hook() -> None:
@@ -257,18 +329,19 @@ def install_scheduler_hooks() -> None:
     orig_init = Scheduler.__init__
     orig_schedule = Scheduler.schedule
     orig_blocked = Scheduler._handle_blocked_waiting_request
+    limits_of: "weakref.WeakKeyDictionary[Scheduler, StepLimits]" = weakref.WeakKeyDictionary()
 
     @functools.wraps(orig_init)
     def __init__(self, *a, **kw):
         orig_init(self, *a, **kw)
         st = settings_of(self.vllm_config)
-        self._nora_limits = (StepLimits(st, self.lora_config.max_loras, self.lora_config,
-                                        getattr(self.vllm_config.model_config, "model", None))
-                             if st is not None and self.lora_config is not None else None)
+        if st is not None and self.lora_config is not None:
+            limits_of[self] = StepLimits(st, self.lora_config.max_loras, self.lora_config,
+                                         getattr(self.vllm_config.model_config, "model", None))
 
     @functools.wraps(orig_schedule)
     def schedule(self, *a, **kw):
-        limits = getattr(self, "_nora_limits", None)
+        limits = limits_of.get(self)
         if limits is not None:
             limits.start_step(self.running)
         return orig_schedule(self, *a, **kw)
@@ -276,7 +349,7 @@ def install_scheduler_hooks() -> None:
     @functools.wraps(orig_blocked)
     def _handle_blocked_waiting_request(self, request):
         ready = orig_blocked(self, request)
-        limits = getattr(self, "_nora_limits", None)
+        limits = limits_of.get(self)
         if ready and limits is not None and request.lora_request and request.lora_request.lora_int_id > 0:
             return limits.admit(request.lora_request)
         return ready
@@ -286,51 +359,54 @@ def install_scheduler_hooks() -> None:
     Scheduler._handle_blocked_waiting_request = _handle_blocked_waiting_request
 
 
-def install_worker_hooks() -> None:
-    """Called when a nora punica wrapper is built, i.e. in a worker with nora enabled."""
-    if _once("worker"):
-        from vllm.config import get_current_vllm_config_or_none
-        from vllm.lora.worker_manager import WorkerLoRAManager
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def install_worker(vllm_config) -> None:
+    """Worker stage, from the ``get_punica_wrapper`` wrapper where the engine config enables
+    nora: this worker's state, and the wrappers that use it."""
+    global _worker_state
+    if not _once("worker"):
+        return
+    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-        from . import worker
+    from . import worker
+    from .state import WorkerState
 
-        worker.remember_config(get_current_vllm_config_or_none())
+    state = _worker_state = WorkerState.from_vllm_config(vllm_config)
+    orig_load = WorkerLoRAManager._load_adapter
 
-        orig_load = WorkerLoRAManager._load_adapter
+    @functools.wraps(orig_load)
+    def _load_adapter(self, lora_request):
+        return worker.load_adapter(state, self, orig_load, lora_request)
 
-        @functools.wraps(orig_load)
-        def _load_adapter(self, lora_request):
-            return worker.load_adapter(self, orig_load, lora_request)
+    WorkerLoRAManager._load_adapter = _load_adapter
 
-        WorkerLoRAManager._load_adapter = _load_adapter
+    if state.settings is not None and state.settings.shared_basis:
+        _install_shared_basis(state)
 
-        if worker._settings is not None and worker._settings.shared_basis:
-            _install_shared_basis_hooks()
+    orig_prompt = GPUModelRunner._get_prompt_logprobs_dict
 
-        from .punica_cpu import prompt_logprobs_rows
+    @functools.wraps(orig_prompt)
+    def _get_prompt_logprobs_dict(self, hidden_states, *a, **kw):
+        previous, state.prompt_hidden_states = state.prompt_hidden_states, hidden_states
+        try:
+            return orig_prompt(self, hidden_states, *a, **kw)
+        finally:
+            state.prompt_hidden_states = previous
 
-        orig_prompt = GPUModelRunner._get_prompt_logprobs_dict
-
-        @functools.wraps(orig_prompt)
-        def _get_prompt_logprobs_dict(self, hidden_states, *a, **kw):
-            with prompt_logprobs_rows(hidden_states):
-                return orig_prompt(self, hidden_states, *a, **kw)
-
-        GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+    GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
 
 
-def _install_shared_basis_hooks() -> None:
+def _install_shared_basis(state) -> None:
     """Shared-basis storage: our layer classes first in line, slots placed on activation."""
     import vllm.lora.utils as lora_utils
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-    from . import storage, worker
-    from .layers import LAYER_CLASSES, SharedBasisLayerMixin
+    from . import worker
+    from .layers import SharedBasisLayerMixin, layer_classes
 
     # from_layer() takes the first class whose can_replace_layer() accepts the layer.
-    lora_utils._all_lora_classes = LAYER_CLASSES + tuple(lora_utils._all_lora_classes)
+    lora_utils._all_lora_classes = layer_classes(state) + tuple(lora_utils._all_lora_classes)
 
     orig_create = LoRAModelManager._create_lora_modules
     orig_activate = LoRAModelManager.activate_adapter
@@ -354,19 +430,19 @@ def _install_shared_basis_hooks() -> None:
 
     @functools.wraps(orig_activate)
     def activate_adapter(self, lora_id):
-        return worker.activate(self, orig_activate, lora_id)
+        return worker.activate(state, self, orig_activate, lora_id)
 
     @functools.wraps(orig_apply)
     def _apply_adapters(self, lora_requests):
         # The ids this step needs: activation evicts storage only from the others.
         manager = self._adapter_manager
-        manager._nora_batch = {r.lora_int_id for r in lora_requests if r}
+        state.step_adapters = {r.lora_int_id for r in lora_requests if r}
         try:
             # vLLM's add_adapter asks `id in self.list_adapters()`, a copy of every registered
             # adapter, once per adapter of the step: O(step x resident), 30% of the worker's
             # time with 1024 resident. An adapter already registered only needs what its
             # "already loaded" branch does (touch, activate); the others go the stock way.
-            if len(manager._nora_batch) <= manager.lora_slots:
+            if len(state.step_adapters) <= manager.lora_slots:
                 rest = set()
                 for r in lora_requests:
                     if r and not r.load_inplace and r.lora_int_id in manager._registered_adapters:
@@ -377,8 +453,9 @@ def _install_shared_basis_hooks() -> None:
                 lora_requests = rest
             return orig_apply(self, lora_requests)
         finally:
-            manager._nora_batch = None
-            plan = storage.current_plan()
+            state.step_adapters = None
+            worker.report_residency(state, manager)
+            plan = state.plan
             if plan is not None and plan.version != plan.refreshed_version:
                 # Slots were placed since the last metadata: have vLLM rebuild it this step,
                 # even where its own mapping and slot layout did not change.
@@ -387,9 +464,8 @@ def _install_shared_basis_hooks() -> None:
     @functools.wraps(orig_dummy)
     def add_dummy_lora(self, lora_request, rank):
         added = orig_dummy(self, lora_request, rank)
-        model = self._adapter_manager.get_adapter(lora_request.lora_int_id)
-        if model is not None:
-            model.nora_dummy = True  # warm-up only: no storage, no effect
+        if added:
+            worker.mark_dummy(state, lora_request.lora_int_id)  # warm-up only: no storage, no effect
         return added
 
     LoRAModelManager._create_lora_modules = _create_lora_modules
@@ -398,46 +474,44 @@ def _install_shared_basis_hooks() -> None:
     WorkerLoRAManager.add_dummy_lora = add_dummy_lora
 
 
-def install_api_server_hooks() -> None:
-    """Called in the front-end process when the engine args enable nora."""
-    if _once("api_server"):
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+def install_front_end(settings, vllm_config) -> None:
+    """API-server stage, from the ``create_engine_config`` wrapper where an API server's config
+    enables nora: this process's ``FrontEnd``, the adapter store registered as a vLLM LoRA
+    resolver (before vLLM's OpenAIServingModels reads the registry), and the wrappers of the
+    API server's adapter paths."""
+    global _front_end
+    from vllm.lora.resolver import LoRAResolverRegistry
 
-        from . import serving
+    from . import serving
 
-        orig_init = OpenAIServingModels.__init__
-        orig_load = OpenAIServingModels.load_lora_adapter
-        orig_resolve = OpenAIServingModels.resolve_lora
-        orig_show = OpenAIServingModels.show_available_models
+    if _front_end is None:
+        _front_end = serving.FrontEnd()
+    front = _front_end
+    front.configure(settings)
+    front.bind(vllm_config)
+    if front.store is not None and LoRAResolverRegistry.resolvers.get(STORE_RESOLVER) is not front.store:
+        LoRAResolverRegistry.register_resolver(STORE_RESOLVER, front.store)
+    if not _once("front_end"):
+        return
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.serving import BaseServing
 
-        @functools.wraps(orig_init)
-        def __init__(self, *a, **kw):
-            orig_init(self, *a, **kw)
-            serving.after_init(self)
+    orig_load = OpenAIServingModels.load_lora_adapter
+    orig_show = OpenAIServingModels.show_available_models
+    orig_check = BaseServing._check_model
 
-        @functools.wraps(orig_load)
-        async def load_lora_adapter(self, request, base_model_name=None):
-            return await serving.load_lora_adapter(self, orig_load, request, base_model_name)
+    @functools.wraps(orig_load)
+    async def load_lora_adapter(self, request, base_model_name=None):
+        return await serving.load_lora_adapter(front, self, orig_load, request, base_model_name)
 
-        @functools.wraps(orig_resolve)
-        async def resolve_lora(self, lora_name):
-            return await serving.resolve_lora(self, orig_resolve, lora_name)
+    @functools.wraps(orig_show)
+    async def show_available_models(self):
+        return serving.show_sources(front, await orig_show(self))
 
-        @functools.wraps(orig_show)
-        async def show_available_models(self):
-            return serving.show_sources(self, await orig_show(self))
+    @functools.wraps(orig_check)
+    async def _check_model(self, request):
+        return await serving.check_model(front, self, orig_check, request)
 
-        OpenAIServingModels.__init__ = __init__
-        OpenAIServingModels.load_lora_adapter = load_lora_adapter
-        OpenAIServingModels.resolve_lora = resolve_lora
-        OpenAIServingModels.show_available_models = show_available_models
-
-        from vllm.entrypoints.serve.engine.serving import BaseServing
-
-        orig_check = BaseServing._check_model
-
-        @functools.wraps(orig_check)
-        async def _check_model(self, request):
-            return await serving.check_model(self, orig_check, request)
-
-        BaseServing._check_model = _check_model
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+    OpenAIServingModels.show_available_models = show_available_models
+    BaseServing._check_model = _check_model

@@ -7,7 +7,9 @@ LoRA layers, whose stacked LoRA weights cover only the ``K`` dense slots, plus p
     nora_core_ranks  [n_slices, max_loras] int32, 0 = no core in this slot
 
 so a shared-basis adapter costs ``R * R`` numbers per module, not a padded ``A``/``B`` pair.
-The forward runs through the punica wrapper's ``add_nora_linear``. Tensor parallelism: a
+The forward runs through the punica wrapper's ``add_nora_linear``. The classes are made per
+worker by :func:`layer_classes`, which gives them the worker's state (``nora_state``: the slot
+plan, the activation in progress, the resident bases). Tensor parallelism: a
 basis is sliced with the layer's own ``slice_lora_a`` / ``slice_lora_b`` (B by output rows for
 column-parallel layers, A by input columns for row-parallel ones); cores stay whole, and the
 row-parallel all-reduce completes the sum as for LoRA.
@@ -30,12 +32,15 @@ from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from nora_serve.kernels import cpu_step
 
 from . import opaque, storage
+from .output_scale import OutputScales
+from .state import WorkerState
 from .storage import BASIS, DENSE
 
 
 class SharedBasisLayerMixin:
-    """Put in front of a stock linear LoRA layer class (see :data:`LAYER_CLASSES`)."""
+    """Put in front of a stock linear LoRA layer class (see :func:`layer_classes`)."""
 
+    nora_state: WorkerState  # the worker's state, given once per class by layer_classes()
     nora_sub_modules: list[str] | None = None  # module names per slice (set by the manager hook)
 
     def _init_lora_stream_context(self) -> None:
@@ -43,9 +48,7 @@ class SharedBasisLayerMixin:
         self._enable_aux_cuda_stream = False
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
-        from .worker import settings
-
-        plan = storage.plan_for(max_loras, settings(), self.device)
+        plan = self.nora_state.plan_for(max_loras, self.device)
         super().create_lora_weights(plan.dense_slots, lora_config, model_config)
         self.nora_plan = plan
         R, G, dt, dev = plan.core_rank, plan.max_groups, lora_config.lora_dtype, self.device
@@ -67,10 +70,19 @@ class SharedBasisLayerMixin:
         self._nora_stack_dirty = False
         self.nora_packed_basis: list = [None] * G
         self._nora_key = opaque.register(self)  # how the compiled graph's op finds this layer
+        self.nora_out_scale = OutputScales(self, plan.dense_slots)  # PEFT DoRA's v per dense index
+        # All the punica wrapper reads of this layer (the same tensors and lists, filled below).
+        self.nora = storage.LayerWeights(
+            key=self._nora_key, plan=plan, output_slices=tuple(self.output_slices),
+            lora_a=tuple(self.lora_a_stacked), lora_b=tuple(self.lora_b_stacked),
+            basis_a=self.nora_basis_a, basis_b=self.nora_basis_b, cores=self.nora_cores,
+            core_ranks=self.nora_core_ranks, group_rank=self.nora_group_rank, out_scale=self.nora_out_scale,
+            packed=self.nora_cpu, packed_dense=self.nora_packed_dense, dense_finite=self.nora_dense_finite,
+            packed_basis=self.nora_packed_basis, dense_stack=self.nora_dense_stack)
 
     # -- slots -----------------------------------------------------------------------------
     def _activation(self, index: int) -> storage.Activation:
-        act = storage.current_activation()
+        act = self.nora_state.activation
         if act is None or act.slot != index:
             raise RuntimeError(f"nora: set_lora({index}) outside an adapter activation")
         return act
@@ -92,11 +104,13 @@ class SharedBasisLayerMixin:
     def reset_lora(self, index: int):
         if self._nora_dense_call:  # the stock set_lora clearing a dense index
             self._set_packed_dense(index, None)
+            self.nora_out_scale.set(index, None)
             return BaseLinearLayerWithLoRA.reset_lora(self, index)
         self._clear_cores(index)
-        act = storage.current_activation()
+        act = self.nora_state.activation
         if act is not None and act.slot == index and act.dense >= 0:
             self._set_packed_dense(act.dense, None)
+            self.nora_out_scale.set(act.dense, None)
             BaseLinearLayerWithLoRA.reset_lora(self, act.dense)
 
     def _pack_dense(self, d: int, rank: int) -> None:
@@ -133,6 +147,9 @@ class SharedBasisLayerMixin:
                 super().set_lora(act.dense, lora_a, lora_b)
             if self.nora_cpu:
                 self._pack_dense(act.dense, act.storage.rank or self.lora_a_stacked[0].shape[-2])
+            scales = act.storage.output_scale
+            if scales:
+                self.nora_out_scale.set(act.dense, [scales.get(n) for n in (self.nora_sub_modules or ())])
         elif act.storage.kind == BASIS:
             self._load_basis(act)
             cores = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
@@ -152,7 +169,7 @@ class SharedBasisLayerMixin:
         if self.nora_group_key[g] == st.basis_key:
             return
         names = self.nora_sub_modules or []
-        parts = [storage.bases.module(st.basis_key, st.basis_path, n) for n in names]
+        parts = [self.nora_state.bases.module(st.basis_key, st.basis_path, n) for n in names]
         if len(parts) != self.n_slices:
             raise RuntimeError(f"nora: layer has {self.n_slices} slices but {len(parts)} module names")
         a = [p[0] if p else None for p in parts]
@@ -185,12 +202,12 @@ class SharedBasisLayerMixin:
         shape = output.shape
         if x.ndim == 3 and output.ndim == 3:  # transformers backend: [1, T, d]
             output, x = output.flatten(0, 1), x.flatten(0, 1)
-        self.punica_wrapper.add_nora_linear(output, x, self)
+        self.punica_wrapper.add_nora_linear(output, x, self.nora)
         return output.reshape(shape)
 
     def nora_eager(self, call, y, x, weights, scale, sizes) -> None:
         """Run time of the compiled graph's ``nora::cpu_lora`` op for this layer."""
-        self.punica_wrapper.nora_linear_eager(y, x, self)
+        self.punica_wrapper.nora_linear_eager(y, x, self.nora)
 
     def nora_storage_bytes(self) -> dict[str, int]:
         def size(ts):
@@ -201,14 +218,14 @@ class SharedBasisLayerMixin:
                 "cores": size(self.nora_cores) + self.nora_core_ranks.numel() * 4}
 
 
-def _make(stock: type) -> type:
-    return type(f"SharedBasis{stock.__name__}", (SharedBasisLayerMixin, stock), {})
-
-
 # The stock classes whose storage gets a shared-basis part; vLLM's fully sharded and
 # replicated variants, logits and embeddings stay stock.
-LAYER_CLASSES: tuple[type, ...] = tuple(
-    _make(c) for c in (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
-                       QKVParallelLinearWithLoRA, MergedQKVParallelLinearWithLoRA,
-                       RowParallelLinearWithLoRA)
-)
+STOCK_CLASSES: tuple[type, ...] = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+                                   QKVParallelLinearWithLoRA, MergedQKVParallelLinearWithLoRA,
+                                   RowParallelLinearWithLoRA)
+
+
+def layer_classes(state: WorkerState) -> tuple[type, ...]:
+    """The shared-basis layer classes of one worker, each holding its ``state``."""
+    return tuple(type(f"SharedBasis{c.__name__}", (SharedBasisLayerMixin, c), {"nora_state": state})
+                 for c in STOCK_CLASSES)

@@ -10,8 +10,6 @@ rows without an adapter, and maps prompt-logprob rows back to their tokens' slot
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Any
 
 import torch
@@ -19,22 +17,9 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from nora_serve.kernels import cpu_step
 
-from . import opaque, storage
-
-# The hidden states whose row slices vLLM hands to ``compute_logits`` while computing prompt
-# logprobs (set by the model-runner hook in ``hooks.py``): row i is scheduled token i.
-_prompt_hidden_states: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
-    "nora_prompt_hidden_states", default=None
-)
-
-
-@contextlib.contextmanager
-def prompt_logprobs_rows(hidden_states: torch.Tensor):
-    token = _prompt_hidden_states.set(hidden_states)
-    try:
-        yield
-    finally:
-        _prompt_hidden_states.reset(token)
+from . import opaque
+from .state import WorkerState
+from .storage import LayerWeights
 
 
 def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -68,13 +53,15 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
     Everything that depends on the step's token -> slot table is built once per step in
     ``update_metadata`` (:class:`Step`); a layer's call only runs tensor ops on it. Under
     torch.compile every entry point is one opaque op (``opaque.py``) that calls back here at
-    run time, so no step's routing is baked into the graph."""
+    run time, so no step's routing is baked into the graph.
 
-    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+    ``state``: the worker's :class:`~.state.WorkerState` (adapter ranks, slot plan, prompt
+    hidden states); ``hooks.py`` builds the wrapper with it (a fresh one by default)."""
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, *,
+                 state: WorkerState | None = None, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-        from . import hooks
-
-        hooks.install_worker_hooks()
+        self.state = state if state is not None else WorkerState()
         self._nora_key = opaque.register(self)
         self._step: Step | None = None
         self._live: dict[tuple, bool] = {}  # (stack address, slot, adapter id) -> non-zero
@@ -85,13 +72,11 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
         # replaces, and cost host syncs every step.
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = False
-        from .worker import slot_ranks
-
         ids = tuple(lora_index_to_id)
         if self._step is None or self._step.ids != ids:
             self._live.clear()
-        plan = storage.current_plan()
-        self._step = Step(self.token_lora_indices, ids, slot_ranks(lora_index_to_id), plan)
+        plan = self.state.plan
+        self._step = Step(self.token_lora_indices, ids, self.state.slot_ranks(lora_index_to_id), plan)
         if plan is not None:  # routes follow later plan changes by themselves (_step_for)
             plan.refreshed_version = plan.version
 
@@ -125,29 +110,33 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
         ranks = [step.ranks] * len(lora_a)
         cpu_step.lora_linear(y[:n], x[:n], lora_a, lora_b, route, ranks, scale, 0)
 
-    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, layer) -> None:
-        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage."""
+    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
+        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage (``w``: its weights)."""
         if torch.compiler.is_compiling():
-            torch.ops.nora.cpu_lora(y, x, layer._nora_key, "nora", [], 1.0, [])
+            torch.ops.nora.cpu_lora(y, x, w.key, "nora", [], 1.0, [])
             return
-        self.nora_linear_eager(y, x, layer)
+        self.nora_linear_eager(y, x, w)
 
-    def nora_linear_eager(self, y: torch.Tensor, x: torch.Tensor, layer) -> None:
-        step = self._step_for(x.shape[0], layer.nora_plan)
+    def nora_linear_eager(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
+        step = self._step_for(x.shape[0], w.plan)
         n = step.rows
         y, x = y[:n], x[:n]
-        packed = getattr(layer, "nora_cpu", False)
+        packed = w.packed
         dense = step.route("dense")
+        scales = w.out_scale
+        if dense.mode != cpu_step.NONE and scales.count:
+            # PEFT DoRA: scale the base output of its rows first (output_scale.py).
+            scales.apply(y, step.table("dense"))
         if dense.mode != cpu_step.NONE:
-            stack = layer.nora_dense_stack() if packed and dense.mode == cpu_step.SEG else None
+            stack = w.dense_stack() if packed and dense.mode == cpu_step.SEG else None
             if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
-                    and all(layer.nora_dense_finite[s] for s in dense.slots)):
+                    and all(w.dense_finite[s] for s in dense.slots)):
                 cpu_step.stacked_lora_linear(y, x, stack, step.table("dense"))
             elif packed:
-                cpu_step.packed_lora_linear(y, x, layer.nora_packed_dense, dense)
+                cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
             else:
-                cpu_step.lora_linear(y, x, list(layer.lora_a_stacked), list(layer.lora_b_stacked),
-                                     dense, [step.dense_ranks] * len(layer.lora_a_stacked), 1.0, 0)
+                cpu_step.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
+                                     dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
         groups = step.groups()
         if not any(g is not None for g in groups):
             return
@@ -155,24 +144,24 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
         L = step.plan.max_loras
 
         def cores(i: int, r: int) -> torch.Tensor:  # slice i's cores as [L, r, r] views
-            return layer.nora_cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
+            return w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
 
         for g, grp in enumerate(groups):
             if grp is None:
                 continue
             if packed:
-                basis = layer.nora_packed_basis[g]
+                basis = w.packed_basis[g]
                 if basis is not None:
                     cpu_step.packed_shared_basis_linear(
                         y, x, basis, [cores(i, r) for i, r in enumerate(basis[2])],
                         grp.core_idx, grp.mask, grp.slot)
                 continue
             off = 0
-            for i, width in enumerate(layer.output_slices):
-                r = layer.nora_group_rank[i][g]
+            for i, width in enumerate(w.output_slices):
+                r = w.group_rank[i][g]
                 if r:
                     cpu_step.shared_basis_linear(
-                        y, x, layer.nora_basis_a[i][g, :r], layer.nora_basis_b[i][g, :, :r],
+                        y, x, w.basis_a[i][g, :r], w.basis_b[i][g, :, :r],
                         cores(i, r), grp.core_idx, grp.mask, grp.slot, off)
                 off += width
 
@@ -264,7 +253,7 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
         per_request = self.sampler_indices
         if per_request.numel() == n:
             return per_request
-        base = _prompt_hidden_states.get()
+        base = self.state.prompt_hidden_states
         if base is not None and base.dim() == 2 and x.dim() == 2 and base.stride(0) == x.stride(0):
             row_bytes = base.stride(0) * base.element_size()
             delta = x.data_ptr() - base.data_ptr()

@@ -24,6 +24,7 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 from .log import logger
 from .punica_nora import NoraLinearOpsMixin
+from .state import WorkerState
 
 _KERNELS: Any = False  # False: not tried yet; None: unusable
 
@@ -48,16 +49,15 @@ def _kernels():
 class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
     """``PunicaWrapperGPU`` whose linear-layer ops read each slot only up to its true rank, and
     the forward of the shared-basis layers (every basis group each step: no value-dependent
-    work, so CUDA graphs replay it)."""
+    work, so CUDA graphs replay it). ``state``: the worker's :class:`~.state.WorkerState`
+    (``hooks.py`` builds the wrapper with it; a fresh one by default)."""
 
     _nora_skip_idle = False
 
-    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, *,
+                 state: WorkerState | None = None, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-        from . import hooks
-
-        hooks.install_worker_hooks()
-
+        self.state = state if state is not None else WorkerState()
         self._max_tokens = max_num_batched_tokens
         # Rows of the current mapping; the slot table is -1 from here on.
         self._num_mapped = 0
@@ -92,10 +92,8 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
 
     def _fill_ranks(self, lora_index_to_id) -> None:
         """Per-slot rank into the persistent table, in place (the kernels keep its address)."""
-        from .worker import slot_ranks
-
         size = self._slot_ranks.numel()
-        ranks = slot_ranks(lora_index_to_id)
+        ranks = self.state.slot_ranks(lora_index_to_id)
         ranks = (ranks + [0] * size)[:size]
         if ranks == self._last_ranks:
             return

@@ -16,10 +16,12 @@ import torch
 
 from nora_serve import kernels
 
-from . import storage
+from .storage import LayerWeights
 
 
 class NoraLinearOpsMixin:
+    """Needs ``self.state`` (the worker's ``WorkerState``: its slot plan)."""
+
     # Skip groups without tokens only where a host check is free; the GPU wrapper runs every
     # group, so that the work does not depend on tensor values (CUDA graphs).
     _nora_skip_idle = True
@@ -44,7 +46,7 @@ class NoraLinearOpsMixin:
     # -- shared ----------------------------------------------------------------------------
     def _nora_refresh(self, plan=None) -> None:
         """Build this step's metadata (called at the end of ``update_metadata``)."""
-        plan = plan or storage.current_plan()
+        plan = plan or self.state.plan
         if plan is None:
             return
         n = self._nora_rows()
@@ -77,20 +79,25 @@ class NoraLinearOpsMixin:
                 return [m for _, _, m in self._nora_build(n, plan, ".rows")]
         return [None if m is None else self._nora_view(tag, k, m, n) for tag, k, m in built[2]]
 
-    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, layer) -> None:
-        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage."""
-        plan = layer.nora_plan
+    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
+        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage (``w``: its weights)."""
+        plan = w.plan
         dense_meta, *group_metas = self._nora_step(x.shape[0], plan)
+        scales = w.out_scale
+        if dense_meta is not None and scales.count:
+            # PEFT DoRA: scale the base output of its rows first (output_scale.py). Decided on
+            # the host: a CUDA graph captured before a DoRA adapter was loaded lacks it.
+            scales.apply(y, dense_meta.token_slot[: y.shape[0]].long())
         if dense_meta is not None:
-            ranks = torch.clamp(plan.dense_ranks, max=layer.lora_a_stacked[0].shape[-2])
-            kernels.lora_linear(y, x, list(layer.lora_a_stacked), list(layer.lora_b_stacked),
+            ranks = torch.clamp(plan.dense_ranks, max=w.lora_a[0].shape[-2])
+            kernels.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
                                 dense_meta, ranks, 1.0, 0)
         off = 0
-        for i, width in enumerate(layer.output_slices):
+        for i, width in enumerate(w.output_slices):
             for g, meta in enumerate(group_metas):
                 if meta is None:
                     continue
                 kernels.shared_basis_linear(
-                    y, x, layer.nora_basis_a[i][g], layer.nora_basis_b[i][g], layer.nora_cores[i],
-                    plan.core_offsets, layer.nora_core_ranks[i], meta, 1.0, off)
+                    y, x, w.basis_a[i][g], w.basis_b[i][g], w.cores[i],
+                    plan.core_offsets, w.core_ranks[i], meta, 1.0, off)
             off += width

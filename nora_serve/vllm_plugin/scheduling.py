@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import metrics
 from .cache import ADAPTER_SUBDIR, lookup_entry, shared_basis_entry
 
 # The kind of an adapter the scheduler cannot see yet (offline: the worker converts it in the
@@ -30,6 +31,7 @@ def adapter_kind(settings, lora_config, path: str):
 
 class StepLimits:
     def __init__(self, settings, max_loras: int, lora_config=None, model_dir: str | None = None):
+        metrics.declare()
         self.dense_cap = settings.dense_slots(max_loras)
         self.basis_cap = settings.max_bases
         self.settings = settings
@@ -79,8 +81,10 @@ class StepLimits:
         dense, basis = self._needs(lora_request)
         lid = lora_request.lora_int_id
         if dense and lid not in self.dense and len(self.dense) >= self.dense_cap:
+            metrics.deferred("dense")
             return False
         if basis and basis not in self.bases and len(self.bases) >= self.basis_cap:
+            metrics.deferred("basis")
             return False
         if dense:
             self.dense.add(lid)

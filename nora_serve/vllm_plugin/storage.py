@@ -5,15 +5,15 @@ vLLM gives every active adapter one of ``max_loras`` slots. Here only ``K <= max
 them have full LoRA storage; shared-basis adapters need none. The plan maps each slot to its
 dense index or basis group, decided once per activation (in the model manager's
 ``activate_adapter``, see ``hooks.py``) and read by every layer's ``set_lora`` and by the
-punica wrapper at forward time. No vLLM import here.
+punica wrapper at forward time. The worker's plan and bases live in its ``WorkerState``
+(``state.py``). No vLLM import here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,13 +24,40 @@ DENSE, BASIS, EMPTY = "dense", "basis", "empty"
 
 @dataclass(frozen=True)
 class AdapterStorage:
-    """How one loaded adapter is stored (attached to its vLLM ``LoRAModel``)."""
+    """How one loaded adapter is stored (``WorkerState.adapter_storage``, by adapter id)."""
 
     kind: str  # DENSE | BASIS | EMPTY (warm-up dummies: no weights anywhere)
     rank: int = 0
     basis_key: str | None = None
     basis_path: str | None = None
     name: str = ""
+    # Served-not-folded methods (PEFT DoRA): each module's scale of the base output (output_scale.py).
+    output_scale: dict | None = None
+
+
+@dataclass
+class LayerWeights:
+    """What the punica wrappers read of one layer with shared-basis storage. The layer builds it
+    once (``layers.py``) and keeps filling these same tensors and lists; a wrapper is handed this,
+    never the layer (as vLLM's own wrappers get only the stacked tensors)."""
+
+    key: int  # the layer's key for the compiled graph's opaque op (opaque.py)
+    plan: "SlotPlan"
+    output_slices: tuple[int, ...]
+    lora_a: tuple  # vLLM's stacked dense slots, per slice [K, 1, r, d_in]
+    lora_b: tuple  # per slice [K, 1, d_out_i, r]
+    basis_a: list  # per slice [G, R, d_in]
+    basis_b: list  # per slice [G, d_out_i, R]
+    cores: list  # per slice [max_loras * R * R], slot s's core at s * R * R
+    core_ranks: torch.Tensor  # [n_slices, max_loras] int32
+    group_rank: list  # [slice][group]: rank of the resident basis
+    out_scale: object  # output_scale.OutputScales (PEFT DoRA)
+    # CPU: slice-packed copies (kernels.cpu_step.pack_slices); the GPU reads the tensors above.
+    packed: bool = False
+    packed_dense: list = field(default_factory=list)
+    dense_finite: list = field(default_factory=list)
+    packed_basis: list = field(default_factory=list)
+    dense_stack: Callable[[], object] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -41,22 +68,6 @@ class Activation:
     storage: AdapterStorage
     dense: int = -1
     group: int = -1
-
-
-_current: contextvars.ContextVar[Activation | None] = contextvars.ContextVar("nora_activation", default=None)
-
-
-def current_activation() -> Activation | None:
-    return _current.get()
-
-
-@contextlib.contextmanager
-def activating(act: Activation):
-    token = _current.set(act)
-    try:
-        yield
-    finally:
-        _current.reset(token)
 
 
 class StorageFull(RuntimeError):
@@ -161,22 +172,6 @@ class SlotPlan:
         return free
 
 
-# -- the plan of this process (one LoRA model manager per worker) ------------------------------
-_plan: SlotPlan | None = None
-
-
-def plan_for(max_loras: int, settings, device) -> SlotPlan:
-    global _plan
-    if _plan is None or _plan.max_loras != max_loras:
-        _plan = SlotPlan(max_loras, settings.dense_slots(max_loras), settings.max_bases,
-                         settings.core_rank, device)
-    return _plan
-
-
-def current_plan() -> SlotPlan | None:
-    return _plan
-
-
 # -- shared bases, read once per process ---------------------------------------------------
 class BasisStore:
     """Basis tensors by key, loaded from the cache's ``bases/`` file on first use."""
@@ -191,11 +186,14 @@ class BasisStore:
             self._bases[key] = load_file(str(path))
         return self._bases[key]
 
+    def __len__(self) -> int:
+        return len(self._bases)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self._bases.values() for t in b.values())
+
     def module(self, key: str, path: str | Path, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         t = self.get(key, path)
         if f"{module}.A" not in t:
             return None
         return t[f"{module}.A"], t[f"{module}.B"]
-
-
-bases = BasisStore()

@@ -1,49 +1,21 @@
 """Worker side: convert any supported adapter on load (this covers the offline ``LLM`` path;
-the API server converts first, so its requests arrive here already as cache entries)."""
+the API server converts first, so its requests arrive here already as cache entries), store
+native NoRA / IntTune adapters as cores on a shared basis, and place slots on activation.
+
+Every function takes the worker's :class:`~.state.WorkerState`; ``hooks.py`` calls them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .settings import NoraSettings, settings_of
-
-from .log import logger  # noqa: E402
-
-_settings: NoraSettings | None = None
-_model_dir: str | None = None
-# Largest rank of each loaded adapter (by lora_int_id): the punica wrapper reads no further.
-adapter_ranks: dict[int, int] = {}
-# Rank of an adapter whose rank was not recorded: the kernels clamp it to the stacked rank.
-UNKNOWN_RANK = 1 << 30
+from .log import logger
+from .state import UNKNOWN_RANK, WorkerState
+from .storage import BASIS, DENSE, EMPTY, AdapterStorage
 
 
-def slot_ranks(lora_index_to_id) -> list[int]:
-    """Rank to read per slot: 0 for an empty slot, the adapter's recorded rank otherwise."""
-    return [0 if i is None else adapter_ranks.get(i, UNKNOWN_RANK) for i in lora_index_to_id]
-
-
-def record_rank(lora_int_id: int, lora_model) -> None:
-    ranks = [getattr(lora_model, "rank", 0) or 0]
-    ranks += [getattr(w, "rank", 0) or 0 for w in getattr(lora_model, "loras", {}).values()]
-    adapter_ranks[lora_int_id] = int(max(ranks))
-
-
-def settings() -> NoraSettings:
-    return _settings or NoraSettings()
-
-
-def remember_config(vllm_config) -> None:
-    global _settings, _model_dir
-    _settings = settings_of(vllm_config)
-    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
-    _model_dir = model if model and Path(model).is_dir() else None
-
-
-def convert_request(manager, lora_request):
+def convert_request(state: WorkerState, manager, lora_request):
     """The same request, pointing at a stock PEFT LoRA (converted into the cache if needed)."""
-    if _settings is None:
+    if state.settings is None:
         return lora_request
     import msgspec
     from vllm.exceptions import LoRAAdapterNotFoundError
@@ -55,9 +27,10 @@ def convert_request(manager, lora_request):
     try:
         prepared = prepare_adapter(
             path,
-            base=_model_dir if _settings.check_base else None,
+            base=state.model_dir if state.settings.check_base else None,
             max_rank=manager.lora_config.max_lora_rank,
-            cache_dir=_settings.cache_path,
+            cache_dir=state.settings.cache_path,
+            served_model=state.model_dir,
         )
     except FileNotFoundError as e:
         raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
@@ -77,33 +50,65 @@ def _shared_modules(adapter_manager) -> set[str]:
             for sub in (mod.nora_sub_modules or ())}
 
 
-def load_adapter(manager, orig_load, lora_request):
+def load_adapter(state: WorkerState, manager, orig_load, lora_request):
     """Load through the convert-on-load cache: a native NoRA / IntTune adapter as cores only
     (its basis is shared), anything else as the folded LoRA."""
-    from .storage import DENSE, AdapterStorage
-
-    request = convert_request(manager, lora_request)
-    model = _load_cores(manager, lora_request, request.lora_path, orig_load, request) if _settings else None
+    request = convert_request(state, manager, lora_request)
+    lid = lora_request.lora_int_id
+    model = _load_cores(state, manager, lora_request, orig_load, request) if state.settings else None
     if model is None:
         model = orig_load(manager, request)
-        record_rank(lora_request.lora_int_id, model)
-        model.nora_storage = AdapterStorage(DENSE, rank=adapter_ranks[lora_request.lora_int_id],
-                                            name=lora_request.lora_name)
+        rank = state.record_rank(lid, model)
+        from .cache import output_scales
+
+        state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
+                                                    output_scale=output_scales(request.lora_path))
+    state.adapter_bytes[lid] = _weight_bytes(model)
     return model
 
 
-def _load_cores(manager, lora_request, path, orig_load=None, request=None):
+def _weight_bytes(lora_model) -> int:
+    n = 0
+    for w in getattr(lora_model, "loras", {}).values():
+        for t in (getattr(w, "lora_a", None), getattr(w, "lora_b", None)):
+            for part in (t if isinstance(t, (list, tuple)) else [t]):
+                if isinstance(part, torch.Tensor):
+                    n += part.numel() * part.element_size()
+    return n
+
+
+def report_residency(state: WorkerState, adapter_manager) -> None:
+    """The residency gauges (metrics.py), when what this worker holds changed."""
+    from . import metrics
+
+    ids = adapter_manager._registered_adapters
+    key = (len(ids), len(state.bases), sum(ids) if len(ids) < 4096 else None)
+    if key == state.reported_residency:
+        return
+    state.reported_residency = key
+    kinds = [state.adapter_storage.get(i) for i in ids]
+    cores = sum(1 for k in kinds if k is not None and k.kind == BASIS)
+    dense = sum(1 for k in kinds if k is not None and k.kind == DENSE)
+    memory = sum(state.adapter_bytes.get(i, 0) for i in ids) + state.bases.nbytes()
+    metrics.residency(dense=dense, cores=cores, bases=len(state.bases), memory_bytes=memory)
+
+
+def mark_dummy(state: WorkerState, lora_int_id: int) -> None:
+    """A warm-up dummy adapter: no storage, no effect."""
+    state.adapter_storage[lora_int_id] = AdapterStorage(EMPTY)
+
+
+def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
     from safetensors.torch import load_file
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
     from .scheduling import adapter_kind
-    from .storage import BASIS, AdapterStorage, current_plan
 
-    if current_plan() is None:
+    if state.plan is None:
         return None
     # The scheduler admitted this request with the same rule (scheduling.adapter_kind).
-    entry = adapter_kind(settings(), manager.lora_config, path)
+    entry = adapter_kind(state.settings, manager.lora_config, request.lora_path)
     if entry is None:
         return None
     cores = load_file(str(entry.cores))
@@ -127,21 +132,20 @@ def _load_cores(manager, lora_request, path, orig_load=None, request=None):
             rank = max(rank, int(getattr(w, "rank", 0) or 0))
         logger.info("nora: adapter %s: %d modules (e.g. %s) have no shared-basis layer, served "
                     "as LoRA there", lora_request.lora_name, len(missing), missing[0])
-    model = LoRAModel(lora_request.lora_int_id, entry.rank, loras)
-    model.nora_storage = AdapterStorage(BASIS, rank=entry.rank, basis_key=entry.key,
-                                        basis_path=str(entry.basis), name=lora_request.lora_name)
-    adapter_ranks[lora_request.lora_int_id] = rank
+    lid = lora_request.lora_int_id
+    model = LoRAModel(lid, entry.rank, loras)
+    state.adapter_storage[lid] = AdapterStorage(BASIS, rank=entry.rank, basis_key=entry.key,
+                                                basis_path=str(entry.basis), name=lora_request.lora_name)
+    state.adapter_ranks[lid] = rank
     size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
     logger.info("nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
                 lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
     return model
 
 
-def activate(adapter_manager, orig_activate, lora_id: int) -> bool:
+def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -> bool:
     """``LoRAModelManager.activate_adapter`` with the slot's storage placed first."""
-    from .storage import DENSE, EMPTY, AdapterStorage, activating, current_plan
-
-    plan = current_plan()
+    plan = state.plan
     if plan is None or lora_id in adapter_manager._active_adapters:
         return orig_activate(adapter_manager, lora_id)
 
@@ -150,13 +154,13 @@ def activate(adapter_manager, orig_activate, lora_id: int) -> bool:
 
     if first_free_slot() is None:
         return orig_activate(adapter_manager, lora_id)  # vLLM raises its own error
-    model = adapter_manager._registered_adapters[lora_id]
-    st = getattr(model, "nora_storage", None)
-    if st is None:
-        st = AdapterStorage(EMPTY) if getattr(model, "nora_dummy", False) else AdapterStorage(
-            DENSE, rank=adapter_ranks.get(lora_id, UNKNOWN_RANK))
+    st = state.adapter_storage.get(lora_id) or AdapterStorage(
+        DENSE, rank=state.adapter_ranks.get(lora_id, UNKNOWN_RANK))
     active = {i for i in adapter_manager.lora_index_to_id if i is not None}
-    batch = getattr(adapter_manager, "_nora_batch", None)
-    act = plan.assign(lora_id, first_free_slot, st, active, batch, adapter_manager.deactivate_adapter)
-    with activating(act):
+    act = plan.assign(lora_id, first_free_slot, st, active, state.step_adapters,
+                      adapter_manager.deactivate_adapter)
+    state.activation = act
+    try:
         return orig_activate(adapter_manager, lora_id)
+    finally:
+        state.activation = None
