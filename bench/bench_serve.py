@@ -409,7 +409,7 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
 # =================================================================================================
 # --server: the OpenAI server and a bounded client
 # =================================================================================================
-def Server(args, model: Path, extra: list[str], log: Path):
+def nora_server(args, model: Path, extra: list[str], log: Path):
     """nora-serve in bf16 with the sweep's memory and context settings (the launcher the demo
     and the tests share)."""
     from nora_serve.server_process import ServerProcess
@@ -502,7 +502,7 @@ def run_server_group(args, assets, logs: Path) -> list[dict]:
                     srv_ctx[1].__exit__()
                 log = logs / ("server-nora.log" if want_nora else "server-base.log")
                 print(f"[bench] starting {'nora' if want_nora else 'plain'} server ...", end="", flush=True)
-                srv = Server(args, assets.model, nora_args if want_nora else [], log).__enter__()
+                srv = nora_server(args, assets.model, nora_args if want_nora else [], log).__enter__()
                 srv_ctx = (want_nora, srv)
                 print(f" up in {srv.startup_s:.0f} s", flush=True)
             srv = srv_ctx[1]

@@ -123,6 +123,7 @@ def convert_adapter(
     lora_alpha: float | None = None,
     compute_dtype: torch.dtype = torch.float64,
     base_model_name_or_path: str | None = None,
+    deltas: AdapterDeltas | None = None,
 ) -> ConvertReport:
     """Convert the adapter at ``src`` into a PEFT LoRA directory at ``out`` (atomically).
 
@@ -133,7 +134,8 @@ def convert_adapter(
     explicitly. ``max_rank``/``tolerance``/``allow_truncation``: see :func:`fold`.
     ``dtype``: output dtype (default: the source's). ``verify``: recompute the source method's
     forward on random inputs and report the worst relative error. ``lora_alpha``: alpha of
-    dynamic-rank DoRA checkpoints, which do not store it.
+    dynamic-rank DoRA checkpoints, which do not store it. ``deltas``: ``src`` already read
+    (``read_adapter`` with the same base, format and alpha), so that it is read once.
     """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
@@ -146,7 +148,7 @@ def convert_adapter(
         raise AdapterError(f"tolerance must be in [0, 1), got {tolerance}")
     out_dtype = parse_dtype(dtype)
     base_dir = find_base(base) if base is not None else None
-    d = read_adapter(src, base=base_dir, fmt=fmt, lora_alpha=lora_alpha)
+    d = deltas if deltas is not None else read_adapter(src, base=base_dir, fmt=fmt, lora_alpha=lora_alpha)
     identity, notes = _base_identity(d, base, base_dir, base_model_name_or_path)
     check = getattr(d, "base_check", None) or BaseCheck(None, skipped="no --base given")
     out_dtype = out_dtype or d.dtype

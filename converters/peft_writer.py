@@ -51,11 +51,11 @@ def peft_config(ranks: dict[str, int], *, base_model_name_or_path: str | None,
     }
 
 
-def write_peft_lora(tmp: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-                    base_model_name_or_path: str | None, metadata: dict,
-                    task_type: str | None = "CAUSAL_LM") -> dict:
-    """Write into the (temporary) directory ``tmp``; ``factors``: ``{module: (B [d_out, k],
-    A [k, d_in])}`` with ``k > 0``. Returns the config written."""
+def write_peft_weights(tmp: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                       base_model_name_or_path: str | None, task_type: str | None = "CAUSAL_LM") -> dict:
+    """The weights and ``adapter_config.json`` of a stock PEFT LoRA, into the directory ``tmp``;
+    ``factors``: ``{module: (B [d_out, k], A [k, d_in])}`` with ``k > 0``, scale folded in.
+    Returns the config written."""
     from safetensors.torch import save_file
 
     ranks = {m: int(A.shape[0]) for m, (B, A) in factors.items()}
@@ -66,6 +66,16 @@ def write_peft_lora(tmp: Path, factors: dict[str, tuple[torch.Tensor, torch.Tens
         flat[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.contiguous()
     save_file(flat, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def write_peft_lora(tmp: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                    base_model_name_or_path: str | None, metadata: dict,
+                    task_type: str | None = "CAUSAL_LM") -> dict:
+    """:func:`write_peft_weights`, plus ``nora_convert.json`` (``metadata``) and the model card.
+    Returns the config written."""
+    cfg = write_peft_weights(tmp, factors, base_model_name_or_path=base_model_name_or_path,
+                             task_type=task_type)
     (tmp / META_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     (tmp / CARD_NAME).write_text(model_card(cfg, metadata))
     return cfg

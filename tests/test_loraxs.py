@@ -8,21 +8,19 @@ and the deltas are merged in plain torch (``ΔW = s · U_r R Σ_r V_rᵀ``, ``s 
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference as ref  # noqa: E402
+from test_plugin_offline import run_offline  # noqa: E402
 from test_serve_reference import Reference, _write_task  # noqa: E402
+from test_train import load_native  # noqa: E402
 
 RANK, ALPHA, LR, STEPS = 4, 8.0, 1.0, 8
 # ``method == "x"`` / ``method in ("x", ...`` / ``method != "x"``: the literal is checked against
@@ -43,15 +41,6 @@ def _train(base_dir, out: Path, task: str, data_seed: int, seed: int, out_dir: P
 def trained(base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("loraxs")
     return {"a": _train(base_dir, root / "xs_a", "reverse", 0, 0), "b": _train(base_dir, root / "xs_b", "copy", 1, 1)}
-
-
-def load_native(path: Path):
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(path / "adapter_model.safetensors")).items():
-        m, _, n = key.rpartition(".")
-        groups.setdefault(m, {})[n] = t
-    return cfg, groups
 
 
 def independent_deltas(path: Path) -> dict[str, torch.Tensor]:
@@ -167,28 +156,6 @@ def test_method_names_compared_only_in_the_registry():
     assert not hits, hits
 
 
-OFFLINE = r'''
-import json, sys
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-    from nora_serve.vllm_plugin import llm_kwargs
-    base, cache, prompt, adapters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-    llm = LLM(model=base, dtype="float32", max_model_len=128, gpu_memory_utilization=0.05,
-              max_loras=4, max_lora_rank=16, **llm_kwargs(cache_dir=cache))
-    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0, prompt_logprobs=0, ignore_eos=True)
-    reqs = [LoRARequest(name, i + 1, path) if path else None for i, (name, path) in enumerate(adapters)]
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(reqs), sp, lora_request=reqs)
-    res = []
-    for o in outs:
-        c = o.outputs[0]
-        res.append({"tokens": list(c.token_ids),
-                    "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
-                    "prompt_logprobs": [None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], prompt[1:])]})
-    print("RESULT " + json.dumps(res), flush=True)
-'''
-
-
 @pytest.mark.server
 def test_served_from_shared_cores(trained, base_dir, tmp_path):
     """Two LoRA-XS adapters and the base in one batch through offline ``vllm.LLM`` with the
@@ -196,16 +163,8 @@ def test_served_from_shared_cores(trained, base_dir, tmp_path):
     1e-3, and both adapters were loaded as cores on one shared basis."""
     prompt = [1, 40, 41, 42, 13, 9, 5]
     adapters = [("base", None), ("xs_a", str(trained["a"].out)), ("xs_b", str(trained["b"].out))]
-    script = tmp_path / "offline.py"
-    script.write_text(OFFLINE)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    p = subprocess.run([sys.executable, str(script), str(base_dir), str(tmp_path / "cache"), json.dumps(prompt),
-                        json.dumps(adapters)], capture_output=True, text=True, timeout=600, env=env)
-    log = p.stdout + p.stderr
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, log[-5000:]
-    got = json.loads(line[len("RESULT "):])
+    got, log = run_offline(base_dir, tmp_path, adapters, prompt,
+                           {"max_loras": 4, "max_lora_rank": 16, "prompt_logprobs": True})
     wants = []
     for (name, path), g in zip(adapters, got):
         want = Reference(base_dir, independent_deltas(Path(path)) if path else None).run(prompt, 6)

@@ -241,7 +241,8 @@ def prepare_adapter(
         metrics.cache_hit()
         return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
 
-    from nora_serve.converters import convert_adapter, detect_format
+    from nora_serve.converters import convert_adapter, detect_format, read_adapter
+    from nora_serve.methods import get_method
 
     fmt = detect_format(src_path)
     key = cache_key(src_path, base=base, max_rank=max_rank)
@@ -258,13 +259,16 @@ def prepare_adapter(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{_tmp_tag()}-", dir=cache_dir))
     try:
-        report = _write_output_scaled(src_path, fmt, tmp, base)
-        if report is None:
+        deltas = read_adapter(src_path, base=base, fmt=fmt)  # read once, for either way below
+        if get_method(deltas.method).foldable:
             report = convert_adapter(
                 str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
                 fmt=fmt, max_rank=max_rank, progress=False,
                 base_model_name_or_path=_fallback_identity(src_path, fmt, base, served_model),
+                deltas=deltas,
             )
+        else:
+            report = _write_output_scaled(deltas, tmp, base)
         meta = {"source": str(src_path), "format": fmt, "key": key, "max_rank": max_rank,
                 "base": str(base) if base else None, "report": _jsonable(report)}
         shared = _write_shared_basis(src_path, tmp, cache_dir)
@@ -286,45 +290,34 @@ def prepare_adapter(
     return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, True)
 
 
-def _write_output_scaled(src: Path, fmt: str, entry: Path, base) -> dict | None:
-    """A method served but never folded (PEFT's DoRA): its serving form, a stock PEFT LoRA
-    ``B' A`` in ``adapter/`` plus each module's output scale ``v`` in ``output_scale.safetensors``
-    (``output_scale.py``), computed here once from the base weights. ``None`` for every
-    foldable adapter, which the fold converts."""
-    if fmt != "peft_lora":  # the only layout that stores such a method
-        return None
+def _write_output_scaled(d, entry: Path, base) -> dict:
+    """A method served but never folded (PEFT's DoRA; ``d`` as read): its serving form, a stock
+    PEFT LoRA ``B' A`` in ``adapter/`` plus each module's output scale ``v`` in
+    ``output_scale.safetensors`` (``output_scale.py``), computed here once from the base weights."""
     import torch
     from safetensors.torch import save_file
 
-    from nora_serve.converters import read_adapter
     from nora_serve.converters.errors import AdapterError
     from nora_serve.converters.fingerprint import load_base_weights
-    from nora_serve.converters.peft_writer import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, peft_config
+    from nora_serve.converters.peft_writer import write_peft_weights
     from nora_serve.methods import get_method
 
-    d = read_adapter(src, fmt=fmt, base=base)
     spec = get_method(d.method)
-    if spec.foldable:
-        return None
     if spec.serving_form is None:
-        raise AdapterError(f"method {spec.name}: cannot be folded into LoRA nor served", file=src)
+        raise AdapterError(f"method {spec.name}: cannot be folded into LoRA nor served", file=d.path)
     if base is None:
         raise AdapterError(f"method {spec.name} needs the base weights to be served: serve a local model "
-                           "directory (with the base check on)", file=src)
+                           "directory (with the base check on)", file=d.path)
     weights = load_base_weights(base, d.entries)
-    flat, scales, ranks = {}, {}, {}
+    factors, scales = {}, {}
     for m, e in sorted(d.entries.items()):
         W = weights[m].to(torch.float64)
         A, B, v = spec.serving_form({k: t.to(torch.float64) for k, t in e.raw.items()}, e.scale, W)
-        flat[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.to(d.dtype).contiguous()
-        flat[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.to(d.dtype).contiguous()
+        factors[m] = (B.to(d.dtype), A.to(d.dtype))
         scales[m] = v.to(torch.float32)
-        ranks[m] = int(A.shape[0])
     out = entry / ADAPTER_SUBDIR
     out.mkdir()
-    save_file(flat, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    cfg = peft_config(ranks, base_model_name_or_path=d.base_model_name_or_path)
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_peft_weights(out, factors, base_model_name_or_path=d.base_model_name_or_path)
     save_file(scales, str(entry / OUTPUT_SCALE_NAME))
     return {"method": spec.name, "modules": len(scales), "served_as": "LoRA plus per-row output scale"}
 
@@ -495,11 +488,12 @@ def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use: set[str]
     """Keep the cache under ``max_bytes``: remove least recently used entries (by their last
     use) that are not ``in_use`` (entry keys), then the bases no remaining entry needs.
     Entries in use are never removed, so the cache may stay above the bound while they are
-    loaded. Returns the keys removed."""
-    if not max_bytes:
-        return []
+    loaded. Reports the cache's size (metrics.py) either way. Returns the keys removed."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
+        return []
+    if not max_bytes:
+        metrics.cache_bytes(cache_usage(cache_dir).total)
         return []
     import fcntl
 
@@ -509,6 +503,7 @@ def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use: set[str]
         usage = cache_usage(cache_dir)
         total = usage.total
         if total <= max_bytes:
+            metrics.cache_bytes(total)
             return []
         entries = dict(usage.entries)
         for key, (_, size, _) in sorted(entries.items(), key=lambda kv: kv[1][0]):
@@ -526,6 +521,7 @@ def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use: set[str]
                 with contextlib.suppress(OSError):
                     (cache_dir / BASES_SUBDIR / f"{bkey}.safetensors").unlink()
                 total -= size
+    metrics.cache_bytes(total)
     if removed:
         _log().info("nora: cache over %.2f GB: removed %d least recently used entries (%.2f GB left)",
                     max_bytes / 1e9, len(removed), total / 1e9)

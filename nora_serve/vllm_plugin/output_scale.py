@@ -23,7 +23,6 @@ class OutputScales:
 
     def __init__(self, layer, dense_slots: int):
         self.layer = layer
-        self.dense_slots = dense_slots
         ref = layer.lora_b_stacked[0]
         self.table = torch.ones(dense_slots + 1, sum(layer.output_slices), dtype=ref.dtype, device=ref.device)
         self.count = 0  # dense indices holding a scale: nothing to do while 0

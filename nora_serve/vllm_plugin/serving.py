@@ -95,11 +95,10 @@ class FrontEnd:
         return keys
 
     def enforce_cache_limit(self, in_use: set[str]) -> None:
-        """Keep the cache within its bound (if any) and report its size (metrics.py)."""
+        """Keep the cache within its bound (if any); it reports the cache's size (metrics.py)."""
         s = self.settings
         try:
             cache.enforce_limit(s.cache_path, s.cache_max_bytes, in_use)
-            metrics.cache_bytes(cache.cache_usage(s.cache_path).total)
         except Exception as e:  # housekeeping never fails a request
             logger.warning("nora: could not keep the cache %s under its bound: %s", s.cache_path, e)
 

@@ -64,6 +64,7 @@ def load_adapter(state: WorkerState, manager, orig_load, lora_request):
         state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
                                                     output_scale=output_scales(request.lora_path))
     state.adapter_bytes[lid] = _weight_bytes(model)
+    state.reported_residency = None  # report again after this step
     return model
 
 
@@ -82,7 +83,8 @@ def report_residency(state: WorkerState, adapter_manager) -> None:
     from . import metrics
 
     ids = adapter_manager._registered_adapters
-    key = (len(ids), len(state.bases), sum(ids) if len(ids) < 4096 else None)
+    # A load resets this (load_adapter); removals change the count.
+    key = (len(ids), len(state.bases))
     if key == state.reported_residency:
         return
     state.reported_residency = key
