@@ -5,10 +5,11 @@ matrix between them.
 [r, d_in]``, ``lora_R = R: [r, r]``, ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). As the
 official code (``utils/initialization_utils.py``): the SVD is of ``W0`` (they decompose ``W0ᵀ``
 with ``TruncatedSVD`` and set ``lora_A = Σ Uᵀ``, ``lora_B = V``: the same factors, ``Σ`` on the
-input side), PEFT's LoRA scale ``alpha / r``, and ``R ~ N(0, σ²)`` with ``σ = 1e-5``. Here the
-SVD is exact (float64, with NoRA's sign convention) rather than randomised, so the outer pair is
-a deterministic function of (W0, r): all LoRA-XS adapters of one base and rank share it bit for
-bit, a shared basis with core ``s R``.
+input side), PEFT's LoRA scale ``alpha / r``, and ``R ~ N(0, σ²)`` with ``σ = 1e-5``. The SVD
+is NoRA's :func:`~.nora.top_svd` (float64, a fixed-seed randomized SVD for large weights, NoRA's
+sign convention), so the outer pair is a deterministic function of (W0, r) on one device; all
+LoRA-XS adapters of one base and rank share it through one basis file, a shared basis with core
+``s R``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _basis(W0, r, act_scale=None):
 
 def _init(a: InitArgs) -> dict[str, torch.Tensor]:
     max_rank_check("LoRA-XS", a.r, a.d_out, a.d_in)
-    t = _basis(a.W0, a.r)
+    t = dict(a.basis) if a.basis is not None else _basis(a.W0, a.r)
     t["lora_R"] = torch.randn(a.r, a.r, generator=a.gen) * INIT_STD
     return t
 

@@ -39,6 +39,9 @@ class InitArgs:
     W0: torch.Tensor | None = None  # the base weight as stored (methods with ``needs_w0``)
     gen: torch.Generator | None = None  # this module's generator
     act_scale: torch.Tensor | None = None  # activation-aware SVD scale (``calibration`` methods)
+    # The frozen shared tensors (named as in ``shared``), computed or found once per run by the
+    # trainer (the basis file); None: the init computes them with ``basis``.
+    basis: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ def _nystrom(name):
         max_rank_check(name, a.r, a.d_out, a.d_in)
         # The slices of the base weight as stored, in float32.
         A, N, B = (t.to(torch.float32) for t in nystrom_init(a.W0, a.r))
+        if a.basis is not None:  # IntTune's frozen pair as the run's basis file holds it
+            A, B = a.basis["lora_A"], a.basis["lora_B"]
         return {"lora_A": A, "lora_N": N, "lora_B": B}
 
     return init
