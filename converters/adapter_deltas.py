@@ -64,6 +64,8 @@ class AdapterDeltas:
     dtype: torch.dtype = torch.float32  # storage dtype of the source tensors
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # assumptions a reader made (e.g. a default)
+    # A format_version 2 native adapter: the basis file it was read with (digest checked).
+    basis_path: Path | None = None
 
     @property
     def modules(self) -> Mapping[str, Factors]:

@@ -124,6 +124,7 @@ def convert_adapter(
     compute_dtype: torch.dtype = torch.float64,
     base_model_name_or_path: str | None = None,
     deltas: AdapterDeltas | None = None,
+    basis: str | os.PathLike | None = None,
 ) -> ConvertReport:
     """Convert the adapter at ``src`` into a PEFT LoRA directory at ``out`` (atomically).
 
@@ -136,6 +137,8 @@ def convert_adapter(
     forward on random inputs and report the worst relative error. ``lora_alpha``: alpha of
     dynamic-rank DoRA checkpoints, which do not store it. ``deltas``: ``src`` already read
     (``read_adapter`` with the same base, format and alpha), so that it is read once.
+    ``basis``: a basis file or directory, looked at first for a core-only (format_version 2)
+    native adapter's shared basis.
     """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
@@ -148,7 +151,8 @@ def convert_adapter(
         raise AdapterError(f"tolerance must be in [0, 1), got {tolerance}")
     out_dtype = parse_dtype(dtype)
     base_dir = find_base(base) if base is not None else None
-    d = deltas if deltas is not None else read_adapter(src, base=base_dir, fmt=fmt, lora_alpha=lora_alpha)
+    d = deltas if deltas is not None else read_adapter(src, base=base_dir, fmt=fmt, lora_alpha=lora_alpha,
+                                                           basis=basis)
     identity, notes = _base_identity(d, base, base_dir, base_model_name_or_path)
     check = getattr(d, "base_check", None) or BaseCheck(None, skipped="no --base given")
     out_dtype = out_dtype or d.dtype
@@ -170,6 +174,7 @@ def convert_adapter(
         "base_check": check.as_dict(),
         "base_fingerprints": d.base_fingerprints,
         "shared_basis": d.shared_basis,
+        "basis_file": str(d.basis_path.resolve()) if d.basis_path is not None else None,
         "dtype": str(out_dtype).removeprefix("torch."),
         "max_rank": max_rank,
         "tolerance": tolerance,

@@ -5,7 +5,7 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
 ``adapter_config.json``::
 
     {
-      "format": "nora-serve", "format_version": 1,
+      "format": "nora-serve", "format_version": 2,   # 1: the shared basis embedded (see below)
       "method": "nora",                  # a registered native method: lora, nora, loraxs, ...
       "r": 8,                            # rank; NoRA: outer rank; dyrank: start rank r0
       "inner_r": 4,                      # NoRA only: r'
@@ -14,7 +14,8 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       "target_modules": ["model.layers.0.self_attn.q_proj", ...],   # full module names
       "base_model_name_or_path": "...",
       "base_fingerprints": {"model.layers.0.self_attn.q_proj": "sha256:...", ...},
-      "shared_basis": {"rule": "svd", "r": 8, "calibration": null, "fingerprint": "sha256:..."},
+      "shared_basis": {"rule": "svd", "r": 8, "calibration": null, "fingerprint": "sha256:...",
+                       "digest": "<32 hex>"},                 # format_version 2 only
       "rank_pattern": {"model.layers.0.self_attn.q_proj": 6, ...}   # dyrank: true rank per module
     }
 
@@ -30,6 +31,13 @@ registry (:mod:`nora_serve.methods`: ``get_method(name).tensors`` / ``.scale``),
                             lora_R [r, r] (trained); alpha / r
 
 A method with an ``export`` (PEFT's DoRA) is saved in its own foreign format instead.
+
+``format_version``: 1 embeds a shared-basis method's ``shared`` tensors (``outer_A``/``outer_B``,
+IntTune's ``lora_A``/``lora_B``) in ``adapter_model.safetensors``, as every method without a
+shared basis does; 2 (what ``nora-train`` writes for NoRA, LoRA-XS and IntTune) holds only the
+adapter's own trained tensors, and ``shared_basis.digest`` names its basis file
+(:mod:`.basis_file`: ``<store>/bases/<digest>.safetensors`` beside the adapter, ``--basis``, or
+the user basis cache). Readers take both.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ import torch
 from nora_serve.methods import Factors, get_method, method_names
 
 FORMAT = "nora-serve"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # tensors all in the adapter file (the default of a config that says none)
+FORMAT_VERSION_CORES = 2  # shared-basis methods: own tensors only, the basis in its own file
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_CORES)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -114,22 +124,49 @@ class NativeAdapter:
     def factors(self, module: str) -> Factors:
         return module_factors(self.method, self.scale, self.tensors[module])
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write atomically: a failed save leaves nothing at ``out``."""
+    def basis(self) -> dict[str, torch.Tensor]:
+        """The shared basis as its file holds it: ``<module>.A`` / ``<module>.B`` (the method's
+        ``shared`` pair), on the CPU."""
+        spec = get_method(self.method)
+        if not spec.shared_basis:
+            raise ValueError(f"method {self.method!r} has no shared basis")
+        a, b = spec.shared
+        return {f"{m}.{k}": ts[n].detach().to("cpu").contiguous()
+                for m, ts in self.tensors.items() for k, n in (("A", a), ("B", b))}
+
+    def save(self, out: str | Path, overwrite: bool = False, *,
+             bases_dir: str | Path | None = None) -> Path:
+        """Write atomically: a failed save leaves nothing at ``out``. A ``format_version`` 2
+        config (shared-basis methods) writes only the adapter's own tensors, records the basis
+        digest, and first writes the basis to ``bases_dir`` (default: the store's ``bases/``,
+        ``<out>/../bases``) unless it is there already, so an adapter never stands without it."""
         from safetensors.torch import save_file
 
         from .atomic import atomic_dir
+        from .basis_file import basis_key, basis_meta, store_bases, write_basis
 
         cfg = dict(self.config)
         cfg.setdefault("format", FORMAT)
         cfg.setdefault("format_version", FORMAT_VERSION)
         cfg["scaling"] = method_scale(cfg)
         cfg["target_modules"] = sorted(self.tensors)
+        spec = get_method(self.method)
         flat = {
             f"{m}.{n}": t.detach().to("cpu").contiguous()
             for m, ts in self.tensors.items()
             for n, t in ts.items()
         }
+        if cfg["format_version"] == FORMAT_VERSION_CORES:
+            if not spec.shared_basis:
+                raise ValueError(f"format_version 2 is for shared-basis methods, not {self.method!r}")
+            basis = self.basis()
+            digest = basis_key(basis)
+            sb = dict(cfg["shared_basis"])
+            if sb.get("digest") not in (None, digest):
+                raise ValueError(f"the adapter's basis is {digest}, its config says {sb['digest']}")
+            cfg["shared_basis"] = {**sb, "digest": digest}
+            flat = {k: v for k, v in flat.items() if k.rpartition(".")[2] not in spec.shared}
+            write_basis(bases_dir if bases_dir is not None else store_bases(out), basis, basis_meta(cfg))
         export = get_method(self.method).export
         if export is not None:  # a method saved in its own (foreign) format
             cfg, flat = export(cfg, {m: {n: t.detach().to("cpu").contiguous() for n, t in ts.items()}

@@ -129,13 +129,16 @@ READERS: dict[str, Callable[[Path, Path | None, dict], AdapterDeltas]] = {
 
 
 def read_adapter(path: str | Path, *, base: str | Path | None = None, fmt: str | None = None,
-                 lora_alpha: float | None = None, adalora_ranknum: str = "init_r") -> AdapterDeltas:
+                 lora_alpha: float | None = None, adalora_ranknum: str = "init_r",
+                 basis: str | Path | None = None) -> AdapterDeltas:
     """Read any supported adapter into per-module deltas.
 
     ``base``: the base model directory. When given, every targeted module must exist in it
     with the adapter's shape, recorded fingerprints must match, and the result's
     ``base_fingerprints`` are the base's. ``fmt`` forces a format (see :data:`FORMATS`).
     ``lora_alpha``: the dynamic-rank DoRA alpha (not stored in its checkpoints).
+    ``basis``: where to look first for the shared basis of a format_version 2 native adapter (a
+    basis file, or a directory of them; then the store's ``bases/`` and the user basis cache).
     """
     path = Path(path)
     if fmt is None:
@@ -145,7 +148,7 @@ def read_adapter(path: str | Path, *, base: str | Path | None = None, fmt: str |
     elif not path.is_dir():
         raise AdapterError("not a directory (an adapter is a directory)", file=path)
     base = Path(base) if base is not None else None
-    opts = {"lora_alpha": lora_alpha, "adalora_ranknum": adalora_ranknum}
+    opts = {"lora_alpha": lora_alpha, "adalora_ranknum": adalora_ranknum, "basis": basis}
     d = READERS[fmt](path, base, opts)
     if not d.entries:
         raise AdapterError("the adapter targets no modules", file=path)

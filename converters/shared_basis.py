@@ -6,14 +6,15 @@ function of the base weights, identical (bit for bit) in every adapter trained f
 with the same rule and rank; ``C [R, R]`` is what the adapter learned. A server keeps one copy
 of each basis and only ``R x R`` per module per adapter.
 
-The basis key is a sha256 over every basis tensor's name, shape, dtype and bytes: adapters
-share storage only when their bases are exactly equal (the sampled fingerprint in the config
-is not trusted for this).
+The basis key is a sha256 over every basis tensor's name, shape, dtype and bytes
+(:func:`~.basis_file.basis_key`): adapters share storage only when their bases are exactly equal
+(the sampled fingerprint in the config is not trusted for this). A format_version 2 adapter
+names its basis by that key (``shared_basis.digest``) and stores only its own tensors; its basis
+is read from the basis file (:mod:`.basis_file`), checked against the digest.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch
 
 from nora_serve.methods import get_method, is_method
 
-from .native import CONFIG_NAME, WEIGHTS_NAME, method_scale
-from .read_native import _is_native_config
+from .basis_file import basis_key
+from .native import CONFIG_NAME, FORMAT_VERSION_CORES, WEIGHTS_NAME, method_scale
+from .read_native import _is_native_config, load_shared_basis
 from .tensors_io import load_safetensors, read_json
 
 
@@ -33,6 +35,7 @@ class SharedBasisSplit:
     key: str  # content hash of the basis
     basis: dict[str, torch.Tensor]  # "<module>.A" [R, d_in], "<module>.B" [d_out, R]
     cores: dict[str, torch.Tensor]  # "<module>" [R, R], float32
+    basis_path: Path | None = None  # format_version 2: the basis file it was read from
 
     @property
     def modules(self) -> list[str]:
@@ -54,17 +57,11 @@ def shared_basis_method(path: str | Path) -> str | None:
     return method if is_method(method) and get_method(method).shared_basis else None
 
 
-def basis_key(basis: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(basis):
-        t = basis[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
-
-
-def split_shared_basis(path: str | Path) -> SharedBasisSplit:
-    """Basis and cores of a native shared-basis adapter (validate it with the reader first)."""
+def split_shared_basis(path: str | Path, basis: str | Path | None = None) -> SharedBasisSplit:
+    """Basis and cores of a native shared-basis adapter (validate it with the reader first).
+    Format_version 1: the basis from its own file, keyed by content; 2: the basis file its
+    digest names (looked for as :func:`~.basis_file.find_basis` does, ``basis`` first), and the
+    key is that digest."""
     path = Path(path)
     cfg = read_json(path / CONFIG_NAME)
     method = cfg["method"]
@@ -78,10 +75,18 @@ def split_shared_basis(path: str | Path) -> SharedBasisSplit:
     for key, t in flat.items():
         module, _, name = key.rpartition(".")
         per_module.setdefault(module, {})[name] = t
-    basis, cores = {}, {}
+    bfile = None
+    if cfg.get("format_version") == FORMAT_VERSION_CORES:
+        bfile, basis_t = load_shared_basis(path, cfg, basis)
+        for module, t in per_module.items():
+            t[a_name], t[b_name] = basis_t[f"{module}.A"], basis_t[f"{module}.B"]
+    pair, cores = {}, {}
     for module, t in sorted(per_module.items()):
-        basis[f"{module}.A"] = t[a_name].contiguous()
-        basis[f"{module}.B"] = t[b_name].contiguous()
+        pair[f"{module}.A"] = t[a_name].contiguous()
+        pair[f"{module}.B"] = t[b_name].contiguous()
         cores[module] = spec.core({k: v.double() for k, v in t.items()}, scale).float()
     ranks = {c.shape[0] for c in cores.values()}
-    return SharedBasisSplit(method, max(ranks), basis_key(basis), basis, cores)
+    key = basis_key(pair)
+    if bfile is not None:  # the whole file, whose content read_basis checked against the digest
+        pair, key = dict(basis_t), cfg["shared_basis"]["digest"]
+    return SharedBasisSplit(method, max(ranks), key, pair, cores, bfile)

@@ -44,11 +44,18 @@ def write_reverse_task(path, n, seed):
 
 
 def load_native(path):
+    """``(config, {module: {name: tensor}})`` of a native adapter; a format_version 2 adapter's
+    shared pair read from its basis file in the store, ``<path>/../bases/<digest>.safetensors``."""
     cfg = json.loads((path / "adapter_config.json").read_text())
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(path / "adapter_model.safetensors")).items():
         m, _, n = key.rpartition(".")
         groups.setdefault(m, {})[n] = t
+    if cfg.get("format_version") == 2:
+        basis = load_file(str(path.parent / "bases" / f"{cfg['shared_basis']['digest']}.safetensors"))
+        for m, t in groups.items():
+            for key, n in zip(("A", "B"), SHARED_TENSORS[cfg["method"]]):
+                t[n] = basis[f"{m}.{key}"]
     return cfg, groups
 
 

@@ -38,6 +38,11 @@ formats (detected automatically):
   peft_vera     stock PEFT VeRA (needs --base)
 
 With several sources the last argument is a directory; each source goes to OUT_DIR/<name>.
+A native NoRA / LoRA-XS / IntTune adapter from nora-train holds only its own tensors and names
+its shared basis by digest: it is found in the store's bases/ folder beside the adapter
+(<adapter>/../bases/<digest>.safetensors), with --basis, or in the user basis cache
+($NORA_BASIS_CACHE, default ~/.cache/nora-serve/bases). --export-native SRC OUT writes it as
+one self-contained directory (basis embedded, format_version 1) for sharing.
 Each output says which base check ran ("base check: ..." on stdout, "base_check" in
 nora_convert.json). A dynamic-rank DoRA checkpoint names no base: give --base or
 --base-model-name-or-path (else exit 2).
@@ -81,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="recompute the source method's forward on random inputs and report the "
                         "worst relative error")
+    p.add_argument("--basis", metavar="FILE_OR_DIR",
+                   help="where to look first for a native adapter's shared basis: a basis file "
+                        "<digest>.safetensors, or a directory of them (then the store's bases/ "
+                        "beside the adapter, then the user basis cache)")
+    p.add_argument("--export-native", action="store_true",
+                   help="instead of folding: write native adapter SRC to OUT as one "
+                        "self-contained directory (its shared basis embedded, format_version 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", "--no-progress", action="store_true",
                    help="no table, no progress bar (the bar shows only when stderr is a terminal)")
@@ -103,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.tolerance < 1.0:
         return usage_error(parser, f"--tolerance must be in [0, 1), got {args.tolerance}")
     *srcs, out = [Path(p) for p in args.paths]
+    if args.export_native:
+        if len(srcs) != 1:
+            return usage_error(parser, "--export-native takes one SRC and OUT")
+        with warnings_to_stderr(PROG):
+            return _export(args, srcs[0], out)
     if len(srcs) == 1:
         jobs = [(srcs[0], out)]
     else:
@@ -120,6 +137,24 @@ def main(argv: list[str] | None = None) -> int:
                                            "model: pass --base BASE or --base-model-name-or-path NAME")
     with warnings_to_stderr(PROG):
         return _run(args, jobs)
+
+
+def _export(args: argparse.Namespace, src: Path, out: Path) -> int:
+    from nora_serve.converters.export_native import export_native
+
+    try:
+        d = export_native(src, out, basis=args.basis, overwrite=args.overwrite)
+    except AdapterError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"{PROG}: error: {src}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    digest = (d.shared_basis or {}).get("digest") if isinstance(d.shared_basis, dict) else None
+    what = f"basis {digest} embedded from {d.basis_path}" if d.basis_path else "as it was"
+    print(f"{src} -> {out}: self-contained native {d.method} adapter, format_version 1 "
+          f"({len(d.entries)} modules; {what})")
+    return EXIT_OK
 
 
 def _format_of(src: Path, fmt: str | None) -> str | None:
@@ -142,7 +177,7 @@ def _run(args: argparse.Namespace, jobs: list[tuple[Path, Path]]) -> int:
                 overwrite=args.overwrite,
                 progress=not args.quiet, lora_alpha=args.lora_alpha,
                 compute_dtype=getattr(torch, args.compute_dtype),
-                base_model_name_or_path=args.base_model_name_or_path)
+                base_model_name_or_path=args.base_model_name_or_path, basis=args.basis)
         except AdapterError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             failed += 1

@@ -27,7 +27,10 @@ data: JSONL, one object per line, either {"text": "..."} (loss on every token) o
 {"prompt": "...", "completion": "..."} (loss on the completion only).
 
 output: DIR/adapter_config.json and DIR/adapter_model.safetensors (native format;
-dora: PEFT's own DoRA format, loadable by PeftModel.from_pretrained),
+dora: PEFT's own DoRA format, loadable by PeftModel.from_pretrained); nora, loraxs,
+inttune: only the trained tensors, and the shared basis once in DIR/../bases/<digest>.safetensors
+(computed once per base and settings, then found by recipe in the basis cache
+$NORA_BASIS_CACHE, default ~/.cache/nora-serve/bases, or given with --basis),
 DIR/train_log.json (loss per step) and DIR/loss.png (needs matplotlib: without it,
 a warning and no plot; pip install 'nora-serve[train]').
 
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         f"saved {cfg.method} adapter to {res.out}: {log['modules']} modules, "
         f"{log['trainable_params']:,} trainable parameters, loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f}"
     )
+    if res.basis is not None:
+        print(res.basis.line())
     return EXIT_OK
 
 

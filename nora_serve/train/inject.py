@@ -4,7 +4,8 @@ Each layer is the registered method's (``nora_serve.methods.get_method``): its i
 trainable tensors, its forward. Frozen outer factors (NoRA's and LoRA-XS's SVD pairs, IntTune's
 Nyström slices: a method's ``basis``) are computed from the base
 weights *as stored* (the safetensors files, not a dtype-converted copy), so they are a
-deterministic function of (base weights, method, ranks, calibration settings) and two
+deterministic function of (base weights, method, ranks, calibration settings); the trainer
+computes them once per such recipe and hands them in (``basis``, see :mod:`.basis`), so two
 adapters trained from one base share them bit for bit.
 """
 
@@ -135,16 +136,19 @@ def build_layer(
     dropout: float = 0.0,
     act_scale: torch.Tensor | None = None,
     gen: torch.Generator | None = None,
+    basis: dict[str, torch.Tensor] | None = None,
 ) -> AdapterLinear:
     """One adapter layer around ``base``: the method's init (``W0``: its weight as stored, for
-    methods that read it) in the method's layer."""
+    methods that read it; ``basis``: its frozen shared pair, when the run has it) in the
+    method's layer."""
     spec = get_method(method)
     if spec.init is None:
         raise ValueError(f"method {method!r} cannot be trained (trainable: {', '.join(METHODS)})")
     r_used = spec.start_rank(r)
     config = {"r": r_used, "lora_alpha": alpha, "use_rslora": bool(use_rslora and spec.rslora),
               "inner_r": inner_r}
-    tensors = spec.init(InitArgs(r_used, base.out_features, base.in_features, config, W0, gen, act_scale))
+    tensors = spec.init(InitArgs(r_used, base.out_features, base.in_features, config, W0, gen, act_scale,
+                                 basis))
     cls = DyRankLinear if spec.dynamic_rank else MethodLinear
     return cls(base, spec, tensors, spec.scale(config), r_used, dropout=dropout)
 
@@ -163,12 +167,14 @@ def inject(
     weights: Iterable[tuple[str, torch.Tensor]] | None = None,
     seed: int = 0,
     act_scales: dict[str, torch.Tensor] | None = None,
+    basis: dict[str, dict[str, torch.Tensor]] | None = None,
     **layer_kw,
 ) -> dict[str, AdapterLinear]:
     """Freeze the model and replace each named ``nn.Linear`` with its adapter layer.
 
     ``weights`` yields ``(module, stored weight)`` (default: :func:`stored_weights` of the
-    loaded modules); only methods with ``needs_w0`` read it, one weight at a time."""
+    loaded modules); only methods with ``needs_w0`` read it, one weight at a time. ``basis``:
+    ``{module: shared tensors}`` of a shared-basis method (else each init computes its own)."""
     model.requires_grad_(False)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
@@ -182,7 +188,8 @@ def inject(
         if W0 is not None and tuple(W0.shape) != tuple(base.weight.shape):
             raise ValueError(f"{n}: stored weight {tuple(W0.shape)} != loaded {tuple(base.weight.shape)}")
         layer = build_layer(
-            method, base, W0, act_scale=(act_scales or {}).get(n), gen=module_generator(seed, n), **layer_kw
+            method, base, W0, act_scale=(act_scales or {}).get(n), gen=module_generator(seed, n),
+            basis=(basis or {}).get(n), **layer_kw
         )
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

@@ -23,9 +23,11 @@ import torch
 from nora_serve.converters.atomic import atomic_dir
 from nora_serve.converters.errors import NoraWarning
 from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensor, fingerprint_tensors
-from nora_serve.converters.native import NativeAdapter
+from nora_serve.converters.basis_file import BASES_DIR
+from nora_serve.converters.native import FORMAT_VERSION_CORES, NativeAdapter
 from nora_serve.methods import get_method, method_names
 
+from .basis import RunBasis, run_basis
 from .data import Example, causal_lm_loss, collate, load_examples
 from .dyrank import DyRankPruner
 from .inject import (
@@ -110,6 +112,10 @@ class TrainConfig:
                             flags=("--rslora", "--use-rslora"))
     calibration: int = _opt(0, "NoRA only: activation-aware SVD from the first N training "
                                "examples (0: plain SVD of W0)", group=ADAPTER, metavar="N")
+    basis: str | None = _opt(None, "NoRA, LoRA-XS, IntTune: train against this shared-basis file "
+                                   "(checked against the base) instead of one found by recipe or "
+                                   "computed", group=ADAPTER, metavar="FILE",
+                             default_help="found or computed")
     dyrank_warmup_ratio: float = _opt(0.15, "fraction of steps before pruning starts", group=DYRANK)
     dyrank_final_ratio: float = _opt(0.5, "fraction of steps at the end trained with the final "
                                           "ranks fixed", group=DYRANK)
@@ -138,6 +144,9 @@ class TrainConfig:
             raise ValueError(f"calibration (activation-aware SVD) applies to {', '.join(takes)} only")
         if self.calibration < 0:
             raise ValueError("calibration must be >= 0 examples")
+        if self.basis is not None and not spec.shared_basis:
+            takes = [n for n in METHODS if get_method(n).shared_basis]
+            raise ValueError(f"basis (a shared-basis file) applies to {', '.join(takes)} only")
         for k in ("batch_size", "max_length"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
@@ -167,6 +176,7 @@ class TrainResult:
     log: dict
     out: Path | None
     tokenizer: object = field(repr=False, default=None)
+    basis: RunBasis | None = None  # shared-basis methods: the basis it trained against
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,7 +220,9 @@ def batches(examples: list[Example], batch_size: int, total_steps: int, seed: in
             step += 1
 
 
-def shared_basis(cfg: TrainConfig, layers: dict[str, AdapterLinear], calibration: dict | None) -> dict | None:
+def shared_basis(cfg: TrainConfig, layers: dict[str, AdapterLinear], basis: RunBasis | None) -> dict | None:
+    """The config's ``shared_basis``: rule, rank, the calibration it was made with, a sampled
+    fingerprint, and the digest of its file (``NativeAdapter.save`` checks it)."""
     spec = get_method(cfg.method)
     if not spec.shared_basis:
         return None
@@ -222,8 +234,9 @@ def shared_basis(cfg: TrainConfig, layers: dict[str, AdapterLinear], calibration
     return {
         "rule": spec.shared_rule,
         "r": cfg.rank,
-        "calibration": calibration,
+        "calibration": basis.calibration if basis is not None else None,
         "fingerprint": fingerprint_tensors(shared),
+        "digest": basis.digest if basis is not None else None,
     }
 
 
@@ -253,20 +266,33 @@ def prepare(cfg: TrainConfig, examples: list[Example] | None = None):
     if fps is None:  # no safetensors with these names: fingerprint the loaded weights
         fps = {n: fingerprint_tensor(model.get_submodule(n).weight) for n in names}
 
-    act_scales, calib = None, None
+    seqs, calib = [], None
     if cfg.calibration:
         # The first N usable examples in file order: a deterministic calibration batch.
         seqs = [e.input_ids for e in examples[: cfg.calibration]]
-        act_scales = activation_scales(model, names, seqs, power=0.5)
         calib = calibration_settings(seqs, cfg.max_length, dtype, 0.5)
+    # The activation scales take a forward pass: only when a basis is computed from them.
+    act_scales = (lambda: activation_scales(model, names, seqs, power=0.5)) if seqs else (lambda: None)
 
     spec = get_method(cfg.method)
+    basis = None
+    if spec.shared_basis:
+        basis = run_basis(spec, r=cfg.rank, names=names, fps=fps, calibration=calib,
+                          weights=lambda: stored_weights(model, names, mdir), act_scales=act_scales,
+                          explicit=cfg.basis, store=store_dir(cfg.out), base_name=cfg.model,
+                          progress=cfg.progress)
     layer_kw = dict(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                     inner_r=cfg.inner_r if "inner_r" in spec.config_keys else None)
     weights = stored_weights(model, names, mdir) if spec.needs_w0 else None
-    layers = inject(model, cfg.method, names, weights=weights, seed=cfg.seed, act_scales=act_scales, **layer_kw)
-    info = {"base_fingerprints": fps, "calibration": calib}
+    layers = inject(model, cfg.method, names, weights=weights, seed=cfg.seed,
+                    basis=basis.tensors if basis is not None else None, **layer_kw)
+    info = {"base_fingerprints": fps, "calibration": calib, "basis": basis}
     return model, tok, layers, examples, info
+
+
+def store_dir(out: str | None) -> Path | None:
+    """The ``bases/`` folder of the adapter store ``out`` is written into."""
+    return Path(out).absolute().parent / BASES_DIR if out is not None else None
 
 
 @contextlib.contextmanager
@@ -302,8 +328,10 @@ def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dic
         "use_rslora": bool(cfg.use_rslora and spec.rslora),
         "base_model_name_or_path": cfg.model,
         "base_fingerprints": info["base_fingerprints"],
-        "shared_basis": shared_basis(cfg, layers, info["calibration"]),
+        "shared_basis": shared_basis(cfg, layers, info.get("basis")),
     }
+    if spec.shared_basis:  # the basis in its own file, named by digest
+        config["format_version"] = FORMAT_VERSION_CORES
     if "inner_r" in spec.config_keys:
         config["inner_r"] = cfg.inner_r
     if spec.dynamic_rank:
@@ -411,13 +439,15 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     )
+    if info.get("basis") is not None:
+        log["basis"] = info["basis"].log()
     if pruner is not None:
         log["dyrank"] = {"r0": pruner.r0, "target_r": cfg.rank, "prune_history": pruner.history,
                          "rank_pattern": rank_pattern}
     out = None
     if cfg.out is not None:
         out = save(cfg.out, adapter, log, overwrite=cfg.overwrite, plot=plot)
-    return TrainResult(model, layers, adapter, log, out, tok)
+    return TrainResult(model, layers, adapter, log, out, tok, info.get("basis"))
 
 
 def _frozen_names(layer: AdapterLinear) -> set[str]:
@@ -445,7 +475,8 @@ def save(out: str | Path, adapter: NativeAdapter, log: dict, overwrite: bool = F
     out = Path(out)
     plot = plot and have_matplotlib(warn=True)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        adapter.save(tmp, overwrite=True)
+        # A shared basis goes into the store's bases/ (written before the adapter appears).
+        adapter.save(tmp, overwrite=True, bases_dir=store_dir(str(out)))
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
         if plot:
             plot_loss(log, tmp / PLOT_NAME)
