@@ -174,13 +174,17 @@ SEP = "|" + "---|" * 12
 
 def row(case, t_base, t_v, t_o, t_s, b_base, b_v, b_o, b_s, peak_bw) -> str:
     def pct(b, t):
+        if t is None:
+            return "n/a"
         return f"{b / 1e6:,.1f} ({100 * b / (t * peak_bw):.0f}%)" if t > 0 else f"{b / 1e6:,.1f}"
 
     def ovh(t):
-        return f"{t * 1e3:.3f} ({100 * t / t_base:.1f}%)"
+        return "n/a" if t is None else f"{t * 1e3:.3f} ({100 * t / t_base:.1f}%)"
+
+    vs = "n/a" if t_v is None else f"{t_v / t_o:.2f}x"
 
     return (
         f"| {case.batch} | {case.n_adapters} | {case.rank_mode} | {t_base * 1e3:.3f} | {ovh(t_v)} "
-        f"| {ovh(t_o)} | {ovh(t_s)} | {t_v / t_o:.2f}x | {pct(b_base, t_base)} | {pct(b_v, t_v)} "
+        f"| {ovh(t_o)} | {ovh(t_s)} | {vs} | {pct(b_base, t_base)} | {pct(b_v, t_v)} "
         f"| {pct(b_o, t_o)} | {pct(b_s, t_s)} |"
     )
