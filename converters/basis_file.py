@@ -116,6 +116,7 @@ def _encode(meta: dict) -> dict[str, str]:
         v = meta.get(k)
         out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     out["r"] = str(int(meta["r"]))
+    out["base_model_name_or_path"] = meta.get("base_model_name_or_path") or ""  # "": none named
     return out
 
 
@@ -125,6 +126,7 @@ def _decode(raw: dict[str, str] | None, path: Path) -> dict:
         raise AdapterError(f"not a nora-serve basis file (metadata 'format' is {raw.get('format')!r})",
                            file=path)
     meta: dict = {k: raw.get(k) for k in META_KEYS}
+    meta["base_model_name_or_path"] = meta["base_model_name_or_path"] or None
     try:
         meta["r"] = int(raw["r"])
         meta["format_version"] = int(raw["format_version"])
