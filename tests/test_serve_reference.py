@@ -84,7 +84,7 @@ def reference_deltas(adapter_dir, base_dir) -> dict[str, torch.Tensor]:
     cfg = json.loads((d / "adapter_config.json").read_text())
     t = load_file(str(d / "adapter_model.safetensors"))
     if cfg.get("format") == "nora-serve":
-        return _native_deltas(cfg, t)
+        return _native_deltas(cfg, native_tensors(d))
     peft_type = cfg.get("peft_type")
     out = {}
     if peft_type == "LORA":
@@ -110,6 +110,25 @@ def reference_deltas(adapter_dir, base_dir) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(f"no reference for {d}")
     return out
+
+
+# The shared pair of each shared-basis method, as the native format names it.
+SHARED_NAMES = {"nora": ("outer_A", "outer_B"), "loraxs": ("outer_A", "outer_B"), "inttune": ("lora_A", "lora_B")}
+
+
+def native_tensors(d: Path) -> dict[str, torch.Tensor]:
+    """A native adapter's tensors ``<module>.<name>``; a format_version 2 adapter's shared pair
+    read from its basis file in the store (``<d>/../bases/<digest>.safetensors``)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    t = load_file(str(d / "adapter_model.safetensors"))
+    if cfg.get("format_version") == 2:
+        basis = load_file(str(d.parent / "bases" / f"{cfg['shared_basis']['digest']}.safetensors"))
+        for m in {k.rpartition(".")[0] for k in list(t)}:
+            for key, name in zip(("A", "B"), SHARED_NAMES[cfg["method"]]):
+                t[f"{m}.{name}"] = basis[f"{m}.{key}"]
+    return t
 
 
 def _native_deltas(cfg: dict, t: dict) -> dict[str, torch.Tensor]:
@@ -322,8 +341,10 @@ def test_shared_basis_adapters_share_only_the_basis(base_dir, fixtures_dir, tmp_
     paths = train_shared_basis_adapters(base_dir, tmp_path_factory)
     for method, ((a, b), shared, own) in SHARED_BASIS_PAIRS.items():
         ca, cb = (json.loads((paths[n] / "adapter_config.json").read_text()) for n in (a, b))
-        ta, tb = (load_file(str(paths[n] / "adapter_model.safetensors")) for n in (a, b))
+        ta, tb = (native_tensors(paths[n]) for n in (a, b))
         assert ca["method"] == cb["method"] == method
+        # One basis file for both (format_version 2 stores it once, named by its digest).
+        assert ca["shared_basis"].get("digest") == cb["shared_basis"].get("digest"), method
         assert ca["r"] == cb["r"] == SHARED_RANK and ca.get("inner_r") == cb.get("inner_r")
         assert ca["shared_basis"]["fingerprint"] == cb["shared_basis"]["fingerprint"], method
         assert set(ta) == set(tb)
