@@ -1,5 +1,8 @@
 """Serving under churn, faults and hostile input (one real ``nora-serve`` per module, as a new
-user starts it: ``--enable-nora --nora-adapter-dir STORE``, runtime loading not opened).
+user starts it: ``--enable-nora --nora-adapter-dir STORE``, runtime loading not opened), and
+servers of their own for what needs other flags or disks: two API servers on one engine, a
+cache bound far below the store, a full and a read-only cache disk (these run first, before the
+module's server starts, so that two servers never share the two cores).
 
 Without a server: the plugin's vLLM symbols against the installed vLLM and an inert
 ``register()`` on a mismatch; the slot plan under scheduler-admitted churn; the cache's trust
@@ -27,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters  # noqa: E402
-from vllm_server import VLLMServer  # noqa: E402
+from test_serve_reference import make_native_adapters, reference_run  # noqa: E402
+from vllm_server import NORA_ENTRY, VLLMServer  # noqa: E402
 
 PROMPTS = ([1, 23, 112, 123, 18, 47, 40, 109], [5, 9, 13, 40, 41, 42, 7, 3])
 N_TOKENS = 4
@@ -283,6 +286,173 @@ def _kill_mid_conversion(src: Path, base_dir: Path, cache: Path) -> list[str]:
     return [n.name for n in cache.iterdir() if ".tmp-" in n.name]
 
 
+# -- servers of their own (before the module's server starts) ------------------------------------
+def _store_of(base_dir, root: Path, n_lora: int = 2) -> tuple[Path, list[str]]:
+    """A store: the six native methods plus ``n_lora`` PEFT LoRAs, all different."""
+    store = root / "store"
+    store.mkdir(parents=True)
+    for m, p in make_native_adapters(base_dir, root / "native", seed=11).items():
+        shutil.copytree(p, store / f"n_{m}")
+    for i in range(n_lora):
+        _peft_lora(store / f"p_{i}", base_dir, 40 + i)
+    return store, sorted(p.name for p in store.iterdir())
+
+
+def _reference(base_dir, store: Path, names) -> dict:
+    """Greedy tokens of each adapter and prompt by transformers on the merged weights."""
+    want = {(n, i): reference_run(str(base_dir), str(store / n), tuple(p), N_TOKENS)["tokens"]
+            for n in names for i, p in enumerate(PROMPTS)}
+    assert len({tuple(v) for (n, i), v in want.items() if i == 0}) >= len(names) - 1, "adapters too alike"
+    return want
+
+
+def _nora_server(base_dir, store, cache, *extra):
+    return VLLMServer(base_dir, ["--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
+                                 "--max-lora-rank", str(MAX_RANK), *extra], entry=NORA_ENTRY,
+                      env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"})
+
+
+@pytest.mark.server
+def test_two_api_servers_serve_each_adapter_its_own_answers(base_dir, tmp_path):
+    """``--api-server-count 2`` with the store: every adapter has one id in both API servers, so
+    no adapter answers for another (before, 2 of 3 answers of some adapters were another's)."""
+    store, names = _store_of(base_dir, tmp_path)
+    want = _reference(base_dir, store, names)
+    jobs = [(n, k % len(PROMPTS)) for n in names for k in range(20)]
+    random.Random(0).shuffle(jobs)
+    with _nora_server(base_dir, store, tmp_path / "cache", "--api-server-count", "2",
+                      "--max-loras", "4", "--max-cpu-loras", "4") as srv:
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(lambda j: (j, _complete(srv, j[0], PROMPTS[j[1]])), jobs))
+        wrong = [(j, r) for j, r in results if r != (200, want[j])]
+        ids = {m["id"] for m in srv.get("/v1/models").json()["data"]}
+        assert srv.get("/health").status_code == 200
+    FIGURES.update(api_servers=2, api_server_adapters=len(names), api_server_requests=len(jobs),
+                   api_server_wrong=len(wrong))
+    assert not wrong, wrong[:5]
+    assert ids  # answered by one of the two; each lists what it served
+
+
+@pytest.mark.server
+def test_cache_bound_holds_under_concurrent_first_loads(base_dir, tmp_path):
+    """A bound far below the store: 6 concurrent first requests at a time over 24 adapters, all
+    answered right; idle store adapters are evicted and resolved again; the cache ends within its
+    bound plus the entries of what is running. An entry removed under a loaded adapter is
+    prepared again from its source; an adapter whose source is gone too fails alone."""
+    from nora_serve.vllm_plugin.cache import cache_usage
+
+    store, names = _store_of(base_dir, tmp_path, n_lora=18)
+    want = _reference(base_dir, store, names)
+    cache = tmp_path / "cache"
+    bound = 300_000
+    with _nora_server(base_dir, store, cache, "--nora-cache-max-gb", str(bound / 1e9),
+                      "--max-loras", "2", "--max-cpu-loras", "2") as srv:
+        failures, biggest = [], 0
+        for rnd in range(2):
+            order = names[:]
+            random.Random(rnd).shuffle(order)
+            for k in range(0, len(order), 6):
+                jobs = [(n, (rnd + k) % len(PROMPTS)) for n in order[k:k + 6]]
+                go = threading.Barrier(len(jobs))
+
+                def run(job):
+                    go.wait()
+                    return job, _complete(srv, job[0], PROMPTS[job[1]])
+
+                with ThreadPoolExecutor(len(jobs)) as ex:
+                    failures += [(j, r) for j, r in ex.map(run, jobs) if r != (200, want[j])]
+                sizes = [b for _, b, _ in cache_usage(cache).entries.values()]
+                biggest = max([biggest, *sizes])
+        assert srv.get("/health").status_code == 200
+        usage = cache_usage(cache)
+        total, bases = usage.total, sum(usage.bases.values())
+        # An operator removes every entry, and an adapter's source as well.
+        for e in cache.iterdir():
+            if len(e.name) == 32:
+                shutil.rmtree(e)
+        shutil.move(str(store / "p_0"), str(tmp_path / "p_0.gone"))
+        again = [(n, _complete(srv, n, PROMPTS[0])) for n in names]
+        bad_again = [(n, r) for n, r in again if n != "p_0" and r != (200, want[(n, 0)])]
+        gone = dict(again)["p_0"]
+        assert srv.get("/health").status_code == 200, srv.tail()
+        assert _complete(srv, names[1], PROMPTS[1]) == (200, want[(names[1], 1)])
+    FIGURES.update(bound_bytes=bound, bound_adapters=len(names), bound_requests=2 * len(names),
+                   bound_failures=len(failures), bound_cache_bytes_after=total)
+    assert not failures, failures[:5]
+    assert total <= bound + 6 * biggest + bases, (total, bound, biggest, bases)
+    assert not bad_again, bad_again[:4]
+    assert gone != (200, want[("p_0", 0)])  # it fails (or is not found), alone
+
+
+def _mounted_tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {p.stderr.strip()[:200]}")
+    return path
+
+
+def test_unwritable_cache_refuses_to_start_in_one_line(base_dir, tmp_path):
+    ro = _mounted_tmpfs(tmp_path / "ro", "1m")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        p = subprocess.run([sys.executable, "-m", NORA_ENTRY, str(base_dir), "--enable-nora",
+                            "--nora-cache-dir", str(ro / "cache")],
+                           capture_output=True, text=True, timeout=300)
+        err = [ln for ln in p.stderr.splitlines() if ln.startswith("nora-serve:")]
+        assert p.returncode == 1, p.stderr[-2000:]
+        assert len(err) == 1 and "Read-only file system" in err[0] and str(ro / "cache") in err[0], err
+        assert "Traceback" not in p.stderr, p.stderr[-2000:]
+        # Asked for, it falls back to a temporary directory instead.
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        from nora_serve.vllm_plugin.engine_args import apply_nora_cli_args
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            ["--model", str(base_dir), "--enable-nora", "--nora-cache-dir", str(ro / "cache"), "--nora-cache-fallback"])
+        settings = apply_nora_cli_args(AsyncEngineArgs(model=str(base_dir)), args)
+        assert settings.cache_dir and not settings.cache_dir.startswith(str(ro)), settings.cache_dir
+        shutil.rmtree(settings.cache_dir, ignore_errors=True)
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+@pytest.mark.server
+def test_full_or_read_only_cache_is_a_server_fault(base_dir, tmp_path):
+    """A full cache disk, then a read-only one: the adapter request is a one-line 503 counted as
+    ``server_error`` (not a 400 blamed on the adapter), and the base and loaded adapters still
+    answer."""
+    store, names = _store_of(base_dir, tmp_path, n_lora=1)
+    disk = _mounted_tmpfs(tmp_path / "disk", "64k")  # room for the start, not for a conversion
+    try:
+        with _nora_server(base_dir, store, disk / "cache", "--max-loras", "2", "--max-cpu-loras", "2") as srv:
+            base = _complete(srv, str(base_dir), PROMPTS[0])
+            assert base[0] == 200
+            answers = {}
+            for name in ("n_nora", "n_lora"):
+                r = srv.post("/v1/completions", {"model": name, "prompt": PROMPTS[0], "max_tokens": 2})
+                answers[name] = (r.status_code, r.json()["error"]["message"])
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            r = srv.post("/v1/completions", {"model": "p_0", "prompt": PROMPTS[0], "max_tokens": 2})
+            answers["p_0"] = (r.status_code, r.json()["error"]["message"])
+            assert _complete(srv, str(base_dir), PROMPTS[0]) == base
+            assert srv.get("/health").status_code == 200
+            m = srv.metrics("nora:adapter_refusals_total")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    for name, (code, msg) in answers.items():
+        assert code == 503, (name, code, msg)
+        assert "\n" not in msg.strip() and str(disk) not in msg, msg
+    assert "No space left" in answers["n_nora"][1] or "No space left" in answers["n_lora"][1], answers
+    assert "Read-only" in answers["p_0"][1], answers
+    assert m['nora:adapter_refusals_total{reason="server_error"}'] == 3, m
+    assert m['nora:adapter_refusals_total{reason="invalid"}'] == 0, m
+    FIGURES.update(full_disk_answers=sorted({c for c, _ in answers.values()}))
+
+
 @pytest.fixture(scope="module")
 def env(base_dir, fixtures_dir, tmp_path_factory):
     from nora_serve.tiny import make_tiny_llama
@@ -441,3 +611,32 @@ def test_nan_adapter_in_a_mixed_batch_leaves_others_unchanged(env, alone):
     FIGURES.update(nan_rounds=3, nan_other_requests=3 * len(others), nan_failures=len(bad),
                    nan_own_answer=str(results[0][1])[:80])
     assert not bad, bad[:4]
+
+
+
+def test_models_list_no_server_paths(env, alone):
+    data = env["srv"].get("/v1/models").json()["data"]
+    roots = {m["id"]: m["root"] for m in data}
+    assert set(env["names"]) <= set(roots), roots
+    for name in env["names"]:
+        assert roots[name] == name and not os.path.isabs(roots[name]), (name, roots[name])
+    # The base model's root is its served name (here the path it was started with), nothing more.
+    assert roots[env["base"]] == env["base"], roots
+
+
+def test_metric_series_do_not_grow_with_adapters(env, alone):
+    """vLLM's ``vllm:lora_requests_info`` takes the running adapters' names as a label value (a
+    series per combination); with nora on it is not set, and the nora series are a fixed set."""
+    m = env["srv"].metrics()
+    names = [k for k in m if "lora" in k.split("{")[0]]
+    assert not [k for k in names if k.startswith("vllm:lora_requests_info")], names
+    assert not [k for k in m if any(f'"{n}' in k or f",{n}" in k for n in env["names"])], "a series names an adapter"
+    series = [k for k in m if k.startswith("nora:")]
+    FIGURES.update(metric_series_nora=len(series), metric_series_lora_info=0)
+    # A fixed set: this many whatever the number of adapters seen (8 here, thousands elsewhere).
+    assert len(series) <= 40, series
+
+
+def test_store_name_with_trailing_newline_is_not_found(env, alone):
+    r = env["srv"].post("/v1/completions", {"model": env["names"][0] + "\n", "prompt": PROMPTS[0], "max_tokens": 2})
+    assert r.status_code == 404, r.text

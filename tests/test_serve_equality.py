@@ -72,7 +72,7 @@ def test_models_lists_loaded_adapters(server, adapters):
     listed = {m["id"]: m for m in data}
     for name, path in adapters.items():
         assert name in listed, name
-        assert Path(listed[name]["root"]).resolve() == Path(path).resolve()
+        assert listed[name]["root"] == name  # its name, never a server path
 
 
 def test_nora_punica_wrapper_selected(server):

@@ -10,13 +10,17 @@ wins and the others discard their copy.
 Trust: an entry is used as it is only where this cache wrote it (:func:`trusted_entry`: its
 real path is ``<cache_dir>/<key>/adapter``, and the digest of its files equals the one its
 marker recorded); a ``nora-cache.json`` beside any other directory means nothing. Bound:
-:func:`enforce_limit` removes least recently used entries no loaded adapter uses;
-:func:`clean_stale_temporaries` removes what killed conversions left. No vLLM import here.
+:func:`enforce_limit` removes least recently used entries no loaded adapter uses, deciding what
+is in use under the same lock (``flock`` on the cache directory itself, exclusive) that every conversion and load
+holds shared while it works (:func:`reading`); :func:`clean_stale_temporaries` removes what
+killed conversions left. Faults of the cache itself (a read-only or full disk) raise
+:class:`CacheUnavailable`, never an adapter error. No vLLM import here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +43,92 @@ OUTPUT_SCALE_NAME = "output_scale.safetensors"  # served-not-folded methods (DoR
 CORES_NAME = "cores.safetensors"  # shared-basis adapters: their own R x R cores, beside adapter/
 BASES_SUBDIR = "bases"  # one file per distinct shared basis, named by its content key
 _HEAD = 1 << 20  # bytes of each base weight file that go into the base identity
+
+
+class CacheUnavailable(RuntimeError):
+    """The cache directory cannot be written (read-only, full, gone): a fault of the server, not
+    of the adapter. ``reason``: the cause alone (``No space left on device``), without paths."""
+
+    def __init__(self, cache_dir, reason: str):
+        super().__init__(f"the adapter cache {cache_dir} cannot be written: {reason}")
+        self.reason = reason
+
+
+# errno values that say the disk, not the adapter, is at fault.
+_DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+# The same faults as Rust's safetensors words them (it raises its own error type, not OSError).
+_DISK_WORDS = ("StorageFull", "ReadOnlyFilesystem", "No space left", "Read-only file system",
+               "os error 28", "os error 30", "Disk quota")
+
+
+def _disk_fault(e: BaseException, cache_dir: Path) -> bool:
+    if isinstance(e, OSError):
+        if e.errno in _DISK_ERRNOS:
+            return True
+        name = getattr(e, "filename", None)
+        return isinstance(name, str) and _inside(name, cache_dir)
+    return any(w in str(e) for w in _DISK_WORDS)
+
+
+def _inside(path: str, root: Path) -> bool:
+    root_s = str(Path(root).expanduser())
+    return path == root_s or path.startswith(root_s.rstrip(os.sep) + os.sep)
+
+
+def _unavailable(e: BaseException, cache_dir: Path) -> CacheUnavailable:
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:
+        text = str(e)
+        code = next((c for c, words in ((errno.ENOSPC, ("StorageFull", "os error 28", "code: 28")),
+                                        (errno.EROFS, ("ReadOnlyFilesystem", "os error 30", "code: 30")))
+                     if any(w in text for w in words)), None)
+        reason = os.strerror(code) if code else text.splitlines()[0][:200]
+    return CacheUnavailable(cache_dir, reason)
+
+
+def check_writable(cache_dir: str | Path) -> None:
+    """Raise :class:`CacheUnavailable` (one line) unless a file can be created in ``cache_dir``."""
+    cache_dir = Path(cache_dir).expanduser()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".probe.tmp-{_tmp_tag()}-", dir=cache_dir)
+        try:
+            os.write(fd, b"nora")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise _unavailable(e, cache_dir) from None
+
+
+@contextlib.contextmanager
+def reading(cache_dir: str | Path):
+    """Hold the cache's lock shared: no entry is removed by :func:`enforce_limit` (which takes it
+    exclusively) while a conversion or a load that reads entries runs. Without a writable
+    cache directory this holds nothing (there is then nothing to evict either)."""
+    with _dir_lock(cache_dir, shared=True):
+        yield
+
+
+@contextlib.contextmanager
+def _dir_lock(cache_dir: str | Path, *, shared: bool):
+    """``flock`` on the directory itself (no lock file left in the cache); holds nothing where
+    the directory cannot be made or opened."""
+    import fcntl
+
+    cache_dir = Path(cache_dir).expanduser()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -220,6 +310,7 @@ def prepare_adapter(
     max_rank: int | None,
     cache_dir: str | Path,
     served_model: str | None = None,
+    pin=None,
 ) -> Prepared:
     """Return a stock PEFT LoRA directory equivalent to ``src``, converting on a cache miss.
 
@@ -228,13 +319,23 @@ def prepare_adapter(
     including a base-model fingerprint mismatch. Only entries this cache wrote are used as
     they are (:func:`trusted_entry`); every other directory is read and checked in full.
     ``served_model``: the served model's name, the entry's base identity where the source names
-    none and no ``base`` was checked.
+    none and no ``base`` was checked. ``pin(key)``: called with the entry's key while the cache
+    lock is still held, so that the caller can count the entry in use before any eviction can
+    see it. A cache that cannot be written raises :class:`CacheUnavailable`.
     """
     src_path = Path(src).expanduser()
     if not src_path.is_dir():
         raise FileNotFoundError(f"{src}: no such adapter directory")
     src_path = src_path.resolve()
     cache_dir = Path(cache_dir).expanduser()
+    with reading(cache_dir):
+        prepared = _prepare_locked(src_path, base, max_rank, cache_dir, served_model)
+        if pin is not None:
+            pin(prepared.key)
+    return prepared
+
+
+def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_model) -> Prepared:
     entry = trusted_entry(src_path, cache_dir)
     if entry is not None:
         _touch(entry)
@@ -256,10 +357,14 @@ def prepare_adapter(
         _log().warning("nora: cache entry %s does not match its recorded digest; converting again", final)
         _discard(final)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{_tmp_tag()}-", dir=cache_dir))
+    # Read and check the adapter before the cache is touched: its faults are its own.
+    deltas = read_adapter(src_path, base=base, fmt=fmt)  # read once, for either way below
     try:
-        deltas = read_adapter(src_path, base=base, fmt=fmt)  # read once, for either way below
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{_tmp_tag()}-", dir=cache_dir))
+    except OSError as e:
+        raise _unavailable(e, cache_dir) from None
+    try:
         if get_method(deltas.method).foldable:
             report = convert_adapter(
                 str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
@@ -283,8 +388,10 @@ def prepare_adapter(
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, False)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _disk_fault(e, cache_dir):
+            raise _unavailable(e, cache_dir) from None
         raise
     metrics.converted(fmt)
     return Prepared(str(final / ADAPTER_SUBDIR), str(src_path), key, fmt, True)
@@ -484,27 +591,27 @@ def cache_usage(cache_dir: str | Path) -> CacheUsage:
     return CacheUsage(entries, bases)
 
 
-def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use: set[str] | frozenset = frozenset()) -> list[str]:
+def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use=frozenset()) -> list[str]:
     """Keep the cache under ``max_bytes``: remove least recently used entries (by their last
-    use) that are not ``in_use`` (entry keys), then the bases no remaining entry needs.
-    Entries in use are never removed, so the cache may stay above the bound while they are
-    loaded. Reports the cache's size (metrics.py) either way. Returns the keys removed."""
+    use) that are not ``in_use`` (entry keys, or a function returning them: called once the lock
+    is held, so that nothing pinned in between escapes it), then the bases no remaining entry
+    needs. Entries in use are never removed, so the cache may stay above the bound while they
+    are loaded. Reports the cache's size (metrics.py) either way. Returns the keys removed."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     if not max_bytes:
         metrics.cache_bytes(cache_usage(cache_dir).total)
         return []
-    import fcntl
-
     removed: list[str] = []
-    with open(cache_dir / ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _dir_lock(cache_dir, shared=False):
         usage = cache_usage(cache_dir)
         total = usage.total
         if total <= max_bytes:
             metrics.cache_bytes(total)
             return []
+        if callable(in_use):
+            in_use = in_use()
         entries = dict(usage.entries)
         for key, (_, size, _) in sorted(entries.items(), key=lambda kv: kv[1][0]):
             if total <= max_bytes:

@@ -53,6 +53,11 @@ def add_nora_cli_args(parser) -> None:
         help="Where converted adapters are cached (default ~/.cache/nora-serve/adapters).",
     )
     group.add_argument(
+        "--nora-cache-fallback", action="store_true", default=False,
+        help="If the cache directory cannot be written, convert into a fresh temporary directory "
+        "instead (default: the server refuses to start, naming the directory and the cause).",
+    )
+    group.add_argument(
         "--nora-cache-max-gb", type=float, default=unset, metavar="GB",
         help=f"Bound of the cache (default {DEFAULT_CACHE_MAX_GB:g}; 0: none): least recently "
         "used entries that no loaded adapter uses are removed once it is exceeded.",
@@ -101,6 +106,12 @@ def apply_nora_cli_args(engine_args, args) -> NoraSettings | None:
             merged["check_base"] = False
         if getattr(args, "nora_allow_runtime_loading", False):
             merged["allow_runtime_loading"] = True
+            servers = getattr(args, "api_server_count", None)
+            if servers is not None and servers > 1:
+                # Each API server would know only the adapters loaded through it.
+                _refuse(2, "--nora-allow-runtime-loading serves an adapter from the API server that "
+                        f"loaded it only; it cannot be used with --api-server-count {servers} (name "
+                        "adapters with --nora-adapter-dir or --lora-modules instead)")
         max_gb = getattr(args, "nora_cache_max_gb", None)
         if max_gb is not None:
             if not max_gb >= 0:  # also NaN
@@ -119,6 +130,7 @@ def apply_nora_cli_args(engine_args, args) -> NoraSettings | None:
     settings = NoraSettings.from_additional_config(engine_args.additional_config)
     if settings is None:
         return None
+    settings = _writable_cache(settings, engine_args, getattr(args, "nora_cache_fallback", False))
     # Sizes given on the command line are kept even when they equal vLLM's defaults.
     explicit = {
         f for f, flag in (("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"),
@@ -137,6 +149,32 @@ def apply_nora_cli_args(engine_args, args) -> NoraSettings | None:
         # API-server process only). The adapter store does not need it (see serving.py).
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     return settings
+
+
+def _refuse(code: int, message: str):
+    """A server start refused: one line on stderr, the exit status (2: usage, 1: runtime)."""
+    print(f"nora-serve: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _writable_cache(settings: NoraSettings, engine_args, fallback: bool) -> NoraSettings:
+    """The server converts into its cache directory: refuse to start without a writable one,
+    or, asked to (``--nora-cache-fallback``), use a fresh temporary one."""
+    import tempfile
+
+    from .cache import CacheUnavailable, check_writable
+
+    try:
+        check_writable(settings.cache_path)
+        return settings
+    except CacheUnavailable as e:
+        if not fallback:
+            _refuse(1, f"{e} (pass --nora-cache-fallback to use a temporary directory instead)")
+        tmp = tempfile.mkdtemp(prefix="nora-cache-")
+        print(f"nora-serve: warning: {e}; converting into {tmp} instead", file=sys.stderr, flush=True)
+    extra = engine_args.additional_config
+    extra[KEY] = {**(extra[KEY] if isinstance(extra.get(KEY), dict) else {"enabled": True}), "cache_dir": tmp}
+    return NoraSettings.from_additional_config(extra)
 
 
 def apply_lora_defaults(engine_args, explicit: set[str] | frozenset = frozenset()) -> None:

@@ -27,6 +27,8 @@ Wrapped or replaced:
 |   .load_lora_adapter, .show_available_models                             |          |            |
 | vllm.entrypoints.serve.engine.serving.BaseServing._check_model           | wrapped  | API server |
 | vllm.lora.resolver.LoRAResolver (registered in LoRAResolverRegistry)     | subclass | API server |
+| vllm.v1.engine.async_llm.AsyncLLM.generate (requests in flight per adapter) | wrapped | API server |
+| vllm.v1.metrics.loggers.PrometheusStatLogger.__init__, .record           | wrapped  | API server |
 
 The API-server wrappers stay because vLLM has no extension point for what they do:
 ``load_lora_adapter`` converts and checks an adapter before vLLM sees it (``--lora-modules`` and
@@ -46,7 +48,11 @@ writes nora's decisions back into vLLM's ``args``, which the API server processe
 
 Attributes the plugin sets on vLLM objects (nothing else is hung on them):
 ``LoRAModelManager._last_slot_layout = None`` (vLLM's own: rebuild the step metadata after a
-slot was placed); ``nora_sub_modules`` on our own layer subclasses (by the
+slot was placed); ``OpenAIServingModels.lora_id_counter`` (vLLM's own, replaced by
+``serving.IdCounter``: adapter ids from their content, the same in every API server);
+``PrometheusStatLogger.gauge_lora_info = None`` (vLLM's own: its adapter-name label is not
+set with nora on); ``Scheduler.grammar_compile_error_reqs`` (vLLM's own set of requests to end
+with an error: a request whose adapter cannot be read is added to it); ``nora_sub_modules`` on our own layer subclasses (by the
 ``_create_lora_modules`` wrapper); ``nora_state`` on our layer classes (given once, when
 :func:`~.layers.layer_classes` makes them). Per-process state lives in one object each:
 ``WorkerState`` (``state.py``, handed to the punica wrapper's constructor, the layer classes
@@ -126,6 +132,9 @@ PATCHED: tuple[tuple[str, str], ...] = (
     ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
     ("vllm.lora.resolver", "LoRAResolver"),
     ("vllm.lora.resolver", "LoRAResolverRegistry.register_resolver"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.generate"),
+    ("vllm.v1.metrics.loggers", "PrometheusStatLogger.__init__"),
+    ("vllm.v1.metrics.loggers", "PrometheusStatLogger.record"),
 )
 # Imported only where they are used (a CUDA platform): elsewhere their check is skipped.
 GPU_ONLY_MODULES = frozenset({"vllm.lora.punica_wrapper.punica_gpu"})
@@ -351,6 +360,11 @@ def install_scheduler_hooks() -> None:
         ready = orig_blocked(self, request)
         limits = limits_of.get(self)
         if ready and limits is not None and request.lora_request and request.lora_request.lora_int_id > 0:
+            if not limits.available(request.lora_request):
+                # Its adapter cannot be read or prepared again: this request ends with an error
+                # (as vLLM ends one whose grammar failed), the engine and the others go on.
+                self.grammar_compile_error_reqs.add(request.request_id)
+                return False
             return limits.admit(request.lora_request)
         return ready
 
@@ -506,7 +520,7 @@ def install_front_end(settings, vllm_config) -> None:
 
     @functools.wraps(orig_show)
     async def show_available_models(self):
-        return serving.show_sources(front, await orig_show(self))
+        return serving.hide_paths(front, await orig_show(self))
 
     @functools.wraps(orig_check)
     async def _check_model(self, request):
@@ -515,3 +529,53 @@ def install_front_end(settings, vllm_config) -> None:
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.show_available_models = show_available_models
     BaseServing._check_model = _check_model
+    _install_inflight(front)
+    _install_lora_metrics(front)
+
+
+def _install_inflight(front) -> None:
+    """Count each adapter's requests in the engine (an idle store adapter may be evicted)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    orig_generate = AsyncLLM.generate
+
+    @functools.wraps(orig_generate)
+    async def generate(self, *a, **kw):
+        lora = kw.get("lora_request")
+        name = lora.lora_name if lora is not None and front.enabled else None
+        front.hold(name)
+        try:
+            async for out in orig_generate(self, *a, **kw):
+                yield out
+        finally:
+            front.release(name)
+
+    AsyncLLM.generate = generate
+
+
+def _install_lora_metrics(front) -> None:
+    """vLLM's ``vllm:lora_requests_info`` carries the names of the running and waiting adapters
+    as one label value, a new series for every combination ever seen. With nora on, it is not
+    set; counts with a fixed set of series are (metrics.py ``lora_requests``)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from . import metrics
+
+    orig_init = PrometheusStatLogger.__init__
+    orig_record = PrometheusStatLogger.record
+
+    @functools.wraps(orig_init)
+    def __init__(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        if front.enabled:
+            self.gauge_lora_info = None  # vLLM records it only when set
+
+    @functools.wraps(orig_record)
+    def record(self, scheduler_stats, *a, **kw):
+        if front.enabled and scheduler_stats is not None:
+            metrics.lora_requests(scheduler_stats.running_lora_adapters,
+                                  scheduler_stats.waiting_lora_adapters)
+        return orig_record(self, scheduler_stats, *a, **kw)
+
+    PrometheusStatLogger.__init__ = __init__
+    PrometheusStatLogger.record = record

@@ -11,6 +11,13 @@ ones.
 | ``nora:bases_resident`` | gauge | | workers (the most of any worker) |
 | ``nora:adapter_memory_bytes`` | gauge | | workers (summed: each holds its shard) |
 | ``nora:adapter_cache_bytes`` | gauge | | API server (the conversion cache on disk) |
+| ``nora:lora_requests`` | gauge | ``state`` (``running``/``waiting``) | API server, from the engine's stats |
+| ``nora:lora_adapters_active`` | gauge | ``state`` (``running``/``waiting``) | API server, from the engine's stats |
+
+No metric carries an adapter's name or path: their series do not grow with the adapters seen.
+vLLM's ``vllm:lora_requests_info`` (the names of the running and waiting adapters as one label
+value, a series per combination) is not set with nora on; ``nora:lora_requests`` and
+``nora:lora_adapters_active`` count the same requests and adapters instead.
 
 The engine core and the workers are other processes than the API server. ``nora-serve``
 therefore runs every server in prometheus_client's multiprocess mode (the mode vLLM itself uses
@@ -27,7 +34,8 @@ from functools import cache
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 CAPS = ("dense", "basis")
-REASONS = ("not_found", "invalid", "load_failed")
+REASONS = ("not_found", "invalid", "load_failed", "server_error")
+STATES = ("running", "waiting")
 _dir: tempfile.TemporaryDirectory | None = None
 
 
@@ -52,7 +60,8 @@ def _m():
                              "Adapter loads answered by an existing cache entry.")
         refusals = Counter("nora:adapter_refusals_total",
                            "Adapter requests refused, by reason (not_found: no adapter there; invalid: "
-                           "its files; load_failed: the engine refused it).", ["reason"])
+                           "its files; load_failed: the engine refused it; server_error: the server "
+                           "could not serve it, e.g. its cache disk is read-only or full).", ["reason"])
         deferrals = Counter("nora:scheduler_deferrals_total",
                             "Waiting requests held back one step because their adapter would exceed the "
                             "dense-slot or the shared-basis cap, by cap.", ["cap"])
@@ -63,12 +72,19 @@ def _m():
                        multiprocess_mode="livesum")
         cache = Gauge("nora:adapter_cache_bytes", "Bytes of the conversion cache on disk.",
                       multiprocess_mode="livemax")
+        lora_requests = Gauge("nora:lora_requests", "Requests with an adapter in the engine, by state "
+                              "(running, waiting).", ["state"], multiprocess_mode="livemax")
+        lora_adapters = Gauge("nora:lora_adapters_active", "Distinct adapters with requests in the "
+                              "engine, by state (running, waiting).", ["state"], multiprocess_mode="livemax")
 
     # Known label values exist from the start (at 0), as Prometheus advises.
     for cap in CAPS:
         M.deferrals.labels(cap=cap)
     for reason in REASONS:
         M.refusals.labels(reason=reason)
+    for state in STATES:
+        M.lora_requests.labels(state=state)
+        M.lora_adapters.labels(state=state)
     return M
 
 
@@ -122,3 +138,12 @@ def residency(*, dense: int, cores: int, bases: int, memory_bytes: int) -> None:
 @_safe
 def cache_bytes(n: int) -> None:
     _m().cache.set(n)
+
+
+@_safe
+def lora_requests(running: dict[str, int], waiting: dict[str, int]) -> None:
+    """The engine's per-adapter request counts (``SchedulerStats``), as totals."""
+    m = _m()
+    for state, per in (("running", running), ("waiting", waiting)):
+        m.lora_requests.labels(state=state).set(sum(per.values()))
+        m.lora_adapters.labels(state=state).set(sum(1 for n in per.values() if n))

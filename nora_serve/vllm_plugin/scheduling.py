@@ -10,10 +10,11 @@ here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import metrics
-from .cache import ADAPTER_SUBDIR, lookup_entry, shared_basis_entry
+from .cache import ADAPTER_SUBDIR, lookup_entry, prepare_adapter, shared_basis_entry
 
 # The kind of an adapter the scheduler cannot see yet (offline: the worker converts it in the
 # step that first needs it): counted as a dense adapter *and* as a basis of its own.
@@ -38,6 +39,7 @@ class StepLimits:
         self.lora_config = lora_config
         # The same base and rank limit the API server and the workers convert with.
         self.base = model_dir if settings.check_base and model_dir and Path(model_dir).is_dir() else None
+        self.model = model_dir
         # (lora_int_id, path) -> basis key, None = dense
         self._kinds: dict[tuple[int, str], str | None] = {}
         self.dense: set[int] = set()
@@ -58,6 +60,25 @@ class StepLimits:
             entry = adapter_kind(self.settings, self.lora_config, path)
             self._kinds[k] = entry.key if entry is not None else None
         return self._kinds[k]
+
+    def available(self, lora_request) -> bool:
+        """Whether the adapter's files can be read for the worker: its cache entry is there, or
+        is prepared again from the adapter's own directory now (an eviction, another API server
+        or an operator may have removed it). ``False``: it cannot (its directory is gone or
+        unreadable); that request fails, never the engine."""
+        path = str(lora_request.lora_path)
+        cache_dir = self.settings.cache_path
+        max_rank = getattr(self.lora_config, "max_lora_rank", None)
+        if lookup_entry(path, base=self.base, cache_dir=cache_dir, max_rank=max_rank) is not None:
+            return True
+        try:
+            prepare_adapter(path, base=self.base, max_rank=max_rank, cache_dir=cache_dir,
+                            served_model=self.model)
+            return True
+        except Exception as e:
+            logging.getLogger("vllm.nora").error("nora: adapter %s cannot be loaded, its request fails: %s",
+                         lora_request.lora_name, e)
+            return False
 
     def start_step(self, running) -> None:
         self.dense, self.bases = set(), set()

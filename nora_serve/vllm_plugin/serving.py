@@ -4,13 +4,23 @@ bad adapter is a clear 4xx answer and never reaches the engine; the adapter stor
 runtime loading (``/v1/load_lora_adapter``) being open.
 
 The process's state is one :class:`FrontEnd` (``hooks.py`` makes it and hands it to its
-wrappers); the functions below take it and vLLM's ``OpenAIServingModels`` / serving object."""
+wrappers); the functions below take it and vLLM's ``OpenAIServingModels`` / serving object.
+
+Identity: every adapter reaches the engine under the id :mod:`.adapter_ids` derives from its
+cache key (vLLM's own numbering is per API server): vLLM's counter on ``OpenAIServingModels`` is
+replaced by :class:`IdCounter`, which hands out the id this request's task set. The request
+points at the adapter's own directory; the workers read it through the same cache, and convert
+it again if its entry was removed meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
@@ -18,14 +28,15 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from . import cache, metrics
-from .cache import prepare_adapter
+from .adapter_ids import adapter_id
+from .cache import CacheUnavailable, prepare_adapter
 from nora_serve.converters.base_identity import served_base_dir
 from .settings import NoraSettings
 
 from .log import logger  # noqa: E402
 
 # A store name is one plain directory name: letters, digits and ._+- (not first), at most 128.
-STORE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+STORE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}\Z")
 # Files whose presence makes a directory "an adapter" (a broken one is a 400, naming the fault);
 # a directory with none of them answers exactly as a missing one, so that errors do not tell
 # which paths exist on the server.
@@ -47,19 +58,57 @@ class AdapterRefused(Exception):
         self.response = response
 
 
+# The id the current request's task hands to vLLM's counter (IdCounter); unset: vLLM's own.
+_NEXT_ID: contextvars.ContextVar[int | None] = contextvars.ContextVar("nora_next_lora_id", default=None)
+
+
+class IdCounter:
+    """Stands in for ``OpenAIServingModels.lora_id_counter``: the id the caller set for this
+    request (derived from the adapter's cache key), else vLLM's own next number."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def inc(self, num: int = 1) -> int:
+        lid = _NEXT_ID.get()
+        return lid if lid is not None else self.fallback.inc(num)
+
+
+def _ensure_id_counter(models) -> None:
+    if not isinstance(getattr(models, "lora_id_counter", None), IdCounter):
+        models.lora_id_counter = IdCounter(models.lora_id_counter)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An adapter converted (or found) in the cache, its entry pinned until settled."""
+
+    prepared: object  # cache.Prepared
+    lora_id: int
+
+
+@dataclass(frozen=True)
+class Served:
+    key: str  # its cache entry
+    from_store: bool  # resolved from the store (evictable when idle) or loaded (kept)
+
+
 class FrontEnd:
     """The API-server process's state: the settings, the served model and LoRA rank limit,
-    each served adapter's own directory (``/v1/models``), and the cache keys between their
-    conversion and their registration (kept from eviction)."""
+    the adapters this server serves (their cache keys), the entries pinned between conversion
+    and registration, and the requests in flight per adapter (an idle store adapter's entry may
+    be evicted, and the adapter is then forgotten and resolved again on its next request)."""
 
     def __init__(self):
         self.settings: NoraSettings | None = None
         self.store: NoraStoreResolver | None = None
         self.model: str | None = None  # the served model (path or hub id)
         self.max_rank: int | None = None
-        self.sources: dict[str, str] = {}  # cache entry's adapter dir -> the adapter's own dir
-        self.pending: dict[str, int] = {}  # cache key -> prepares not yet settled
-        self.resolved: dict[str, object] = {}  # store name -> its Prepared, until settled
+        self.served: dict[str, Served] = {}  # adapter name -> what it is
+        self.pending: Counter[str] = Counter()  # cache key -> prepares not yet settled
+        self.inflight: Counter[str] = Counter()  # adapter name -> requests in the engine
+        self.resolved: dict[str, Ticket] = {}  # store name -> its ticket, while resolving
+        self._lock = threading.Lock()  # pending and inflight are read from the eviction thread
 
     def configure(self, settings: NoraSettings) -> None:
         """Nora is on in this API server (its engine config says so): clean the cache of what
@@ -68,11 +117,12 @@ class FrontEnd:
         metrics.declare()
         if settings.adapter_dir and (self.store is None or str(self.store.adapter_dir) != settings.adapter_dir):
             self.store = NoraStoreResolver(settings.adapter_dir, self)
+        cache.check_writable(settings.cache_path)  # CacheUnavailable: the server does not start
         removed = cache.clean_stale_temporaries(settings.cache_path)
         if removed:
             logger.info("nora: removed %d stale temporaries from the cache %s", len(removed),
                         settings.cache_path)
-        self.enforce_cache_limit(set())
+        self.enforce_cache_limit()
 
     def bind(self, vllm_config) -> None:
         """The engine config this front end serves (``EngineArgs.create_engine_config``)."""
@@ -85,22 +135,58 @@ class FrontEnd:
         return self.settings is not None
 
     # -- the cache bound ---------------------------------------------------------------------
-    def in_use(self, models=None) -> set[str]:
-        """Cache keys of every adapter the server has loaded, or is about to."""
-        keys = set(self.pending)
-        for req in list(getattr(models, "lora_requests", {}).values()):
-            p = Path(str(req.lora_path))
-            if p.name == cache.ADAPTER_SUBDIR:
-                keys.add(p.parent.name)
+    def _pin(self, key: str) -> None:
+        with self._lock:
+            self.pending[key] += 1
+
+    def _unpin(self, key: str) -> None:
+        with self._lock:
+            self.pending[key] -= 1
+            if self.pending[key] <= 0:
+                del self.pending[key]
+
+    def hold(self, name: str | None) -> None:
+        """A request for adapter ``name`` entered the engine (``AsyncLLM.generate``)."""
+        if name:
+            with self._lock:
+                self.inflight[name] += 1
+
+    def release(self, name: str | None) -> None:
+        if name:
+            with self._lock:
+                self.inflight[name] -= 1
+                if self.inflight[name] <= 0:
+                    del self.inflight[name]
+
+    def in_use(self) -> set[str]:
+        """Cache keys not to evict: entries being prepared or registered, adapters loaded by
+        name (``--lora-modules``, runtime loading: kept until unloaded), and store adapters with
+        a request in the engine. Called by the eviction with the cache lock held."""
+        with self._lock:
+            keys = set(self.pending)
+            keys |= {s.key for name, s in self.served.items()
+                     if not s.from_store or self.inflight.get(name, 0) > 0}
         return keys
 
-    def enforce_cache_limit(self, in_use: set[str]) -> None:
-        """Keep the cache within its bound (if any); it reports the cache's size (metrics.py)."""
+    def enforce_cache_limit(self) -> list[str]:
+        """Keep the cache within its bound (if any); it reports the cache's size (metrics.py).
+        The keys removed."""
         s = self.settings
         try:
-            cache.enforce_limit(s.cache_path, s.cache_max_bytes, in_use)
+            return cache.enforce_limit(s.cache_path, s.cache_max_bytes, self.in_use)
         except Exception as e:  # housekeeping never fails a request
             logger.warning("nora: could not keep the cache %s under its bound: %s", s.cache_path, e)
+            return []
+
+    def forget_evicted(self, models, removed: list[str]) -> None:
+        """Store adapters whose entry was evicted while idle: forgotten here, resolved (and
+        converted) again on their next request."""
+        gone = set(removed)
+        for name, s in list(self.served.items()):
+            if s.from_store and s.key in gone and not self.inflight.get(name):
+                del self.served[name]
+                if models is not None:
+                    getattr(models, "lora_requests", {}).pop(name, None)
 
     # -- converting --------------------------------------------------------------------------
     def _prepare_blocking(self, lora_path: str):
@@ -108,14 +194,28 @@ class FrontEnd:
         model = self.model
         # A Hub id is checked against its snapshot in the local cache; the scope is logged once.
         base = served_base_dir(model, s.check_base, logger)
-        return prepare_adapter(_local_adapter_dir(lora_path), base=base, max_rank=self.max_rank,
-                               cache_dir=s.cache_path, served_model=model)
+        prepared = prepare_adapter(_local_adapter_dir(lora_path), base=base, max_rank=self.max_rank,
+                                   cache_dir=s.cache_path, served_model=model, pin=self._pin)
+        try:
+            return Ticket(prepared, adapter_id(prepared.key, s.cache_path))
+        except OSError as e:
+            self._unpin(prepared.key)
+            raise CacheUnavailable(s.cache_path, e.strerror or str(e)) from None
+        except BaseException:
+            self._unpin(prepared.key)
+            raise
 
     async def prepare(self, lora_name: str, lora_path: str):
-        """``Prepared`` or an ``ErrorResponse`` (404 no adapter there, 400 anything wrong with
-        it). A ``Prepared`` is pending (kept from eviction) until :meth:`settle` is called."""
+        """A :class:`Ticket` or an ``ErrorResponse`` (404 no adapter there, 400 anything wrong
+        with it, 503 the cache cannot be written). A ticket's entry is pinned (kept from
+        eviction) until :meth:`settle` is called."""
         try:
-            prepared = await asyncio.to_thread(self._prepare_blocking, lora_path)
+            ticket = await asyncio.to_thread(self._prepare_blocking, lora_path)
+        except CacheUnavailable as e:  # the server's fault, not the adapter's
+            logger.error("nora: adapter %s not served: %s", lora_name, e)
+            metrics.refused("server_error")
+            return _error(f"LoRA adapter '{lora_name}' cannot be served now: {e.reason}",
+                          HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError")
         except (FileNotFoundError, PermissionError):
             metrics.refused("not_found")
             return _error(f"LoRA adapter '{lora_name}': {NOT_FOUND}", HTTPStatus.NOT_FOUND, "NotFoundError")
@@ -124,19 +224,22 @@ class FrontEnd:
             metrics.refused("invalid")
             return _error(f"LoRA adapter '{lora_name}' refused: {self._relative(str(e), lora_path)}",
                           HTTPStatus.BAD_REQUEST, "BadRequestError")
-        if prepared.converted_now:
-            logger.info("nora: converted %s adapter %s -> %s", prepared.fmt, lora_path, prepared.path)
-        self.sources[prepared.path] = prepared.source
-        self.pending[prepared.key] = self.pending.get(prepared.key, 0) + 1
-        return prepared
+        p = ticket.prepared
+        if p.converted_now:
+            logger.info("nora: converted %s adapter %s -> %s", p.fmt, lora_path, p.path)
+        return ticket
 
-    async def settle(self, models, prepared) -> None:
-        """The prepared adapter is registered (or refused): keep the cache within its bound."""
-        self.pending[prepared.key] -= 1
-        if self.pending[prepared.key] <= 0:
-            del self.pending[prepared.key]
-        if prepared.converted_now:
-            await asyncio.to_thread(self.enforce_cache_limit, self.in_use(models))
+    def register(self, name: str, ticket: Ticket, *, from_store: bool) -> None:
+        self.served[name] = Served(ticket.prepared.key, from_store)
+
+    async def settle(self, models, ticket: Ticket) -> None:
+        """The ticket's adapter is registered (or refused): unpin it, keep the cache within its
+        bound, and forget the idle store adapters whose entries that removed."""
+        self._unpin(ticket.prepared.key)
+        if ticket.prepared.converted_now:
+            removed = await asyncio.to_thread(self.enforce_cache_limit)
+            if removed:
+                self.forget_evicted(models, removed)
 
     def _relative(self, msg: str, lora_path: str) -> str:
         """vLLM scrubs absolute paths from error messages; keep the file names inside the
@@ -186,18 +289,18 @@ class NoraStoreResolver(LoRAResolver):
         p = self.path_for(lora_name)
         if p is None or not self.front.enabled:
             return None
-        prepared = await self.front.prepare(lora_name, str(p))
-        if _is_error(prepared):
-            if prepared.error.code == HTTPStatus.NOT_FOUND.value:
-                return None
-            raise AdapterRefused(prepared)
-        previous = self.front.resolved.get(lora_name)
-        if previous is not None:  # an earlier resolution nobody settled: release it now
-            await self.front.settle(None, previous)
-        self.front.resolved[lora_name] = prepared
+        ticket = self.front.resolved.get(lora_name)  # prepared by check_model, its id set
+        if ticket is None:  # asked by vLLM directly: prepare here, keep vLLM's numbering
+            ticket = await self.front.prepare(lora_name, str(p))
+            if _is_error(ticket):
+                if ticket.error.code == HTTPStatus.NOT_FOUND.value:
+                    return None
+                raise AdapterRefused(ticket)
+            await self.front.settle(None, ticket)
         logger.info("nora: resolved adapter '%s' from the store %s", lora_name, self.adapter_dir)
-        # vLLM's resolve_lora gives it its id and loads it into the engine.
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=prepared.path)
+        # vLLM's resolve_lora gives it its id (IdCounter) and loads it into the engine; the
+        # engine reads the adapter's own directory through the cache.
+        return LoRARequest(lora_name=lora_name, lora_int_id=ticket.lora_id, lora_path=ticket.prepared.source)
 
 
 def _error(message: str, status: HTTPStatus, err_type: str):
@@ -240,14 +343,20 @@ async def load_lora_adapter(front: FrontEnd, models, orig, request, base_model_n
         return await orig(models, request, base_model_name)
     if not request.load_inplace and request.lora_name in models.lora_requests:
         return await orig(models, request, base_model_name)  # vLLM's own "already loaded" answer
-    prepared = await front.prepare(request.lora_name, request.lora_path)
-    if _is_error(prepared):
-        return prepared
-    converted = request.model_copy(update={"lora_path": prepared.path})
+    ticket = await front.prepare(request.lora_name, request.lora_path)
+    if _is_error(ticket):
+        return ticket
+    checked = request.model_copy(update={"lora_path": ticket.prepared.source})
+    _ensure_id_counter(models)
+    token = _NEXT_ID.set(ticket.lora_id)
     try:
-        return _as_bad_request(await orig(models, converted, base_model_name))
+        resp = _as_bad_request(await orig(models, checked, base_model_name))
+        if not _is_error(resp):
+            front.register(request.lora_name, ticket, from_store=False)
+        return resp
     finally:
-        await front.settle(models, prepared)
+        _NEXT_ID.reset(token)
+        await front.settle(models, ticket)
 
 
 async def check_model(front: FrontEnd, serving, orig, request):
@@ -262,24 +371,36 @@ async def check_model(front: FrontEnd, serving, orig, request):
             or name in models.lora_requests or serving._is_model_supported(name)
             or store.path_for(name) is None):
         return await orig(serving, request)
+    ticket = await front.prepare(name, str(store.path_for(name)))
+    if _is_error(ticket):
+        if ticket.error.code == HTTPStatus.NOT_FOUND.value:
+            return await orig(serving, request)
+        return ticket
+    front.resolved[name] = ticket
+    _ensure_id_counter(models)
+    token = _NEXT_ID.set(ticket.lora_id)
     try:
         found = await models.resolve_lora(name)
     except AdapterRefused as e:
         return e.response
     finally:
-        prepared = front.resolved.pop(name, None)
-        if prepared is not None:
-            await front.settle(models, prepared)
+        _NEXT_ID.reset(token)
+        if front.resolved.get(name) is ticket:
+            del front.resolved[name]
+        await front.settle(models, ticket)
     if isinstance(found, LoRARequest):
+        if found.lora_int_id == ticket.lora_id:
+            front.register(name, ticket, from_store=True)
         return None
     if _is_error(found) and found.error.code == HTTPStatus.BAD_REQUEST.value:
         return found  # found, but the engine could not load it
     return await orig(serving, request)
 
 
-def show_sources(front: FrontEnd, model_list):
-    """``/v1/models``: show each adapter's own directory, not its cache entry."""
+def hide_paths(front: FrontEnd, model_list):
+    """``/v1/models``: no server path in any answer. An adapter's (or the base model's) root is
+    its name (a store adapter's name is its path relative to the store)."""
     for card in model_list.data:
-        if card.root in front.sources:
-            card.root = front.sources[card.root]
+        if isinstance(card.root, str) and os.path.isabs(card.root):
+            card.root = card.id
     return model_list

@@ -52,7 +52,17 @@ def _shared_modules(adapter_manager) -> set[str]:
 
 def load_adapter(state: WorkerState, manager, orig_load, lora_request):
     """Load through the convert-on-load cache: a native NoRA / IntTune adapter as cores only
-    (its basis is shared), anything else as the folded LoRA."""
+    (its basis is shared), anything else as the folded LoRA. The cache's lock is held shared
+    meanwhile, so that no eviction removes the entry between its preparation and its reading."""
+    if state.settings is None:
+        return _load(state, manager, orig_load, lora_request)
+    from .cache import reading
+
+    with reading(state.settings.cache_path):
+        return _load(state, manager, orig_load, lora_request)
+
+
+def _load(state: WorkerState, manager, orig_load, lora_request):
     request = convert_request(state, manager, lora_request)
     lid = lora_request.lora_int_id
     model = _load_cores(state, manager, lora_request, orig_load, request) if state.settings else None
