@@ -176,16 +176,34 @@ def read_basis(path: str | os.PathLike, expect_digest: str | None = None) -> tup
     from .tensors_io import load_safetensors
 
     path = Path(path)
-    meta = read_meta(path)
-    tensors = load_safetensors(path)
-    digest = basis_key(tensors)
     want = expect_digest if expect_digest is not None else (
         path.name.removesuffix(".safetensors") if DIGEST.match(path.name.removesuffix(".safetensors")) else None)
-    if want is not None and digest != want:
-        raise AdapterError(f"basis digest mismatch: expected {want}, its content is {digest} "
+    # Read and checked once per file version, not once per adapter that names it (a server
+    # loading thousands of adapters of one base).
+    try:
+        st = path.stat()
+        memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        memo_key = None
+    hit = _read_memo.get(memo_key) if memo_key else None
+    if hit is None:
+        meta = read_meta(path)
+        tensors = load_safetensors(path)
+        meta["digest"] = basis_key(tensors)
+        hit = (tensors, meta)
+        if memo_key:
+            _read_memo[memo_key] = hit
+            while len(_read_memo) > _READ_MEMO_SIZE:
+                _read_memo.pop(next(iter(_read_memo)))
+    tensors, meta = hit
+    if want is not None and meta["digest"] != want:
+        raise AdapterError(f"basis digest mismatch: expected {want}, its content is {meta['digest']} "
                            "(the file was changed or is another basis)", file=path)
-    meta["digest"] = digest
-    return tensors, meta
+    return dict(tensors), dict(meta)
+
+
+_READ_MEMO_SIZE = 2  # bases kept read (a server rarely serves more than a few at once)
+_read_memo: dict[tuple, tuple[dict, dict]] = {}
 
 
 def find_basis(digest: str, adapter_dir: str | os.PathLike,
