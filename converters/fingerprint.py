@@ -65,8 +65,21 @@ def _base_weights(model_dir: str | Path, modules: Iterable[str]) -> Iterator[tup
 
 
 def base_fingerprints(model_dir: str | Path, modules: Iterable[str]) -> dict[str, str]:
-    """Fingerprints of ``<module>.weight`` for each module."""
-    return {m: fingerprint_tensor(w) for m, w in _base_weights(model_dir, modules)}
+    """Fingerprints of ``<module>.weight`` for each module (computed once per module and version
+    of the base's weight files in a process: a server checks thousands of adapters of one base)."""
+    modules = list(modules)
+    try:
+        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _weight_files(Path(model_dir)))
+    except OSError:
+        files = None
+    known = _fp_memo.setdefault((str(Path(model_dir).resolve()), files), {}) if files else {}
+    todo = [m for m in modules if m not in known]
+    if todo:
+        known.update({m: fingerprint_tensor(w) for m, w in _base_weights(model_dir, todo)})
+    return {m: known[m] for m in modules}
+
+
+_fp_memo: dict[tuple, dict[str, str]] = {}
 
 
 def load_base_weights(model_dir: str | Path, modules: Iterable[str]) -> dict[str, torch.Tensor]:

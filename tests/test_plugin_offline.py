@@ -103,3 +103,19 @@ def test_offline_thousand_slots_shared_basis(base_dir, fixtures_dir, tmp_path, t
     dense, bases, cores = map(float, m.groups())
     stock = dense / 2 * 1024  # vLLM's padded storage: a dense slot for each of the 1024
     assert dense + bases + cores < stock / 8, (dense, bases, cores, stock)
+
+
+def test_offline_shared_basis_folded_only_for_a_dense_slot(base_dir, tmp_path, tmp_path_factory):
+    """With ``core_rank`` 0 no adapter is kept as cores: a shared-basis adapter (format_version 2
+    from nora-train, and 1) is cached as its cores first and folded into a PEFT LoRA of its own
+    only when the worker needs a dense slot for it; served exactly either way."""
+    shared = train_shared_basis_adapters(base_dir, tmp_path_factory)
+    native = make_native_adapters(base_dir, tmp_path / "native", seed=8)
+    adapters = [("nora_a", str(shared["nora_a"])), ("base", None), ("inttune_b", str(shared["inttune_b"])),
+                ("native_nora", str(native["nora"]))]
+    log = _run_offline(base_dir, tmp_path, adapters, [1, 40, 41, 42, 13, 9, 5], {"nora": {"core_rank": 0}})
+    assert "cores only" not in log
+    entries = [d for d in (tmp_path / "cache").iterdir() if len(d.name) == 32]
+    folded = [d for d in entries if (d / "adapter" / "adapter_config.json").is_file()]
+    cores = [d for d in entries if (d / "cores.safetensors").is_file()]
+    assert len(folded) == 3 and len(cores) == 3, sorted(p.name for d in entries for p in d.iterdir())

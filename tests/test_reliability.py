@@ -479,6 +479,16 @@ def env(base_dir, fixtures_dir, tmp_path_factory):
     save_file(t, str(forged / "adapter_model.safetensors"))
     (store / MARKER).write_text("{}")
     _peft_lora(store / "neg_alpha", base_dir, 23, alpha=-8.0)
+    # A core-only adapter whose basis file is in no place it is looked for.
+    no_basis = store / "no_basis"
+    shutil.copytree(adapters["n_nora"], no_basis)
+    cfg = json.loads((no_basis / "adapter_config.json").read_text())
+    flat = load_file(str(no_basis / "adapter_model.safetensors"))
+    save_file({k: v for k, v in flat.items() if not k.endswith((".outer_A", ".outer_B"))},
+              str(no_basis / "adapter_model.safetensors"))
+    cfg["format_version"] = 2
+    cfg["shared_basis"] = {**(cfg.get("shared_basis") or {}), "digest": "0123456789abcdef0123456789abcdef"}
+    (no_basis / "adapter_config.json").write_text(json.dumps(cfg))
     other = make_tiny_llama(root / "other_base", seed=123)
     _peft_lora(store / "other_base_lora", other, 24, base_name=str(other))
     # An entry with NaN weights that got past validation (written into the cache itself and
@@ -559,6 +569,7 @@ def test_adapter_churn_at_max_loras_2(env, alone):
 @pytest.mark.parametrize("name,code,words", [
     ("adapter", 400, "nan"),  # a directory with nora-cache.json beside it: checked like any other
     ("neg_alpha", 400, "lora_alpha"),
+    ("no_basis", 400, "shared basis"),  # a format_version 2 adapter whose basis is not there
     ("other_base_lora", 400, "another base"),
     ("escape", 404, "does not exist"),  # symlink out of the store
     ("sneaky", 404, "does not exist"),  # a weight file symlinked out of the store
@@ -575,7 +586,9 @@ def test_hostile_model_names_and_store_content(env, alone, name, code, words):
     assert r.status_code == code, (name[:40], r.status_code, r.text[:300])
     msg = r.json()["error"]["message"]
     assert words in msg.lower() and "\n" not in msg.strip(), msg
-    assert str(env["outside"]) not in msg
+    assert str(env["outside"]) not in msg and str(env["store"]) not in msg, msg
+    if name == "no_basis":
+        assert "0123456789abcdef0123456789abcdef" in msg and name in msg, msg
     # The server keeps answering, the base exactly as before.
     assert _complete(srv, env["base"], PROMPTS[0]) == (200, alone[(env["base"], 0)])
 

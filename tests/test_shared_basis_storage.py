@@ -4,6 +4,7 @@ scheduler's per-step caps."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,38 @@ def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path)
     # A plain LoRA entry has no shared-basis part.
     lora = make_native_adapters(base_dir, tmp_path / "n", seed=1)["lora"]
     assert shared_basis_entry(prepare_adapter(lora, base=base_dir, max_rank=64, cache_dir=cache).path, cache) is None
+
+
+def test_cores_only_entries_cost_what_the_cores_cost(base_dir, shared, tmp_path):
+    """A format_version 2 adapter is cached as its cores alone: no folded LoRA written, the
+    store's basis file linked once into ``bases/``, a few kB per adapter. Folded only on request
+    (a worker putting it in a dense slot), into an entry of its own that stock PEFT loads, and
+    equal to the adapter's own delta."""
+    import os
+
+    from nora_serve.converters import read_adapter
+    from nora_serve.vllm_plugin.cache import ADAPTER_SUBDIR, cache_usage, prepare_adapter, shared_basis_entry
+
+    cache = tmp_path / "cache"
+    src = shared["nora_a"]
+    assert json.loads((src / "adapter_config.json").read_text())["format_version"] == 2
+    p = prepare_adapter(src, base=base_dir, max_rank=64, cache_dir=cache)
+    entry = Path(p.path).parent
+    assert not (entry / ADAPTER_SUBDIR).exists(), "a cores-only entry holds no folded LoRA"
+    info = shared_basis_entry(p.path, cache)
+    assert info is not None and info.key == json.loads((src / "adapter_config.json").read_text())["shared_basis"]["digest"]
+    store_basis = src.parent / "bases" / f"{info.key}.safetensors"
+    assert os.path.samefile(info.basis, store_basis) or info.basis.read_bytes() == store_basis.read_bytes()
+    per_adapter = cache_usage(cache).entries[entry.name][1]
+    assert per_adapter < 100_000, per_adapter
+    # Asked again: a hit, same entry. Folded on request: its own entry, a PEFT LoRA.
+    assert prepare_adapter(src, base=base_dir, max_rank=64, cache_dir=cache).path == p.path
+    f = prepare_adapter(p.path, base=base_dir, max_rank=64, cache_dir=cache, folded=True)
+    assert Path(f.path).parent != entry and (Path(f.path) / "adapter_config.json").is_file()
+    assert prepare_adapter(src, base=base_dir, max_rank=64, cache_dir=cache, folded=True).path == f.path
+    want, got = read_adapter(src, base=base_dir), read_adapter(f.path, base=base_dir)
+    for m, e in want.entries.items():
+        assert torch.allclose(got.entries[m].factors(torch.float64).dense(), e.factors(torch.float64).dense(), atol=1e-4), m
 
 
 def _st(kind, key=None, rank=8):

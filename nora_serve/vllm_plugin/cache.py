@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -140,6 +141,7 @@ class Prepared:
     converted_now: bool
 
 
+@functools.cache
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -241,11 +243,13 @@ def trusted_entry(path: str | Path, cache_dir: str | Path) -> Path | None:
     directory elsewhere with a ``nora-cache.json`` beside it, an entry changed on disk) is
     not trusted and goes through the full conversion and its checks."""
     try:
-        p = Path(path).resolve(strict=True)
+        p = Path(path)
+        entry = p.parent.resolve(strict=True)  # adapter/ itself is absent in a cores-only entry
         root = Path(cache_dir).expanduser().resolve()
+        if p.exists() and p.resolve(strict=True) != entry / ADAPTER_SUBDIR:
+            return None  # adapter/ leads elsewhere
     except (OSError, RuntimeError):
         return None
-    entry = p.parent
     if p.name != ADAPTER_SUBDIR or entry.parent != root or not _KEY.match(entry.name):
         return None
     meta = read_marker(entry)
@@ -280,24 +284,33 @@ def _tmp_tag() -> str:
     return f"{host}-{os.getpid()}"
 
 
-def cache_key(src: Path, *, base, max_rank) -> str:
+def cache_key(src: Path, *, base, max_rank, form: str = "lora") -> str:
     h = hashlib.sha256()
-    h.update(f"v={_package_version()}|rank={max_rank}|base={base_identity(base)}|".encode())
+    h.update(f"v={_package_version()}|rank={max_rank}|base={base_identity(base)}|form={form}|".encode())
     h.update(content_digest(src).encode())
     return h.hexdigest()[:32]
 
 
-def lookup_entry(src: str | Path, *, base, max_rank, cache_dir: str | Path) -> Path | None:
+def _form(src: Path, folded: bool) -> str:
+    """``cores``: a native shared-basis adapter, kept as its cores on its basis (folded into a
+    LoRA only if a worker must put it in a dense slot: ``folded=True``); ``lora`` otherwise."""
+    from nora_serve.converters.shared_basis import shared_basis_method
+
+    return "cores" if not folded and shared_basis_method(src) is not None else "lora"
+
+
+def lookup_entry(src: str | Path, *, base, max_rank, cache_dir: str | Path, folded: bool = False) -> Path | None:
     """The trusted entry ``prepare_adapter`` would return for ``src`` if it exists already
     (nothing is converted or written), else ``None``."""
+    entry = trusted_entry(Path(src).expanduser(), cache_dir)  # its adapter/ may be absent
+    if entry is not None:
+        return entry
     try:
         src_path = Path(src).expanduser().resolve(strict=True)
-        entry = trusted_entry(src_path, cache_dir)
-        if entry is not None:
-            return entry
         if not src_path.is_dir():
             return None
-        final = Path(cache_dir).expanduser() / cache_key(src_path, base=base, max_rank=max_rank)
+        final = Path(cache_dir).expanduser() / cache_key(src_path, base=base, max_rank=max_rank,
+                                                         form=_form(src_path, folded))
     except (OSError, RuntimeError):
         return None
     return trusted_entry(final / ADAPTER_SUBDIR, cache_dir)
@@ -311,6 +324,7 @@ def prepare_adapter(
     cache_dir: str | Path,
     served_model: str | None = None,
     pin=None,
+    folded: bool = False,
 ) -> Prepared:
     """Return a stock PEFT LoRA directory equivalent to ``src``, converting on a cache miss.
 
@@ -322,31 +336,43 @@ def prepare_adapter(
     none and no ``base`` was checked. ``pin(key)``: called with the entry's key while the cache
     lock is still held, so that the caller can count the entry in use before any eviction can
     see it. A cache that cannot be written raises :class:`CacheUnavailable`.
+
+    A native shared-basis adapter's entry holds only its cores (its basis is shared, in
+    ``bases/``): ``Prepared.path`` then names an ``adapter/`` that does not exist, and
+    ``folded=True`` asks for the folded PEFT LoRA instead (an entry of its own), for a worker
+    that must put it in a dense slot.
     """
     src_path = Path(src).expanduser()
-    if not src_path.is_dir():
-        raise FileNotFoundError(f"{src}: no such adapter directory")
-    src_path = src_path.resolve()
+    if trusted_entry(src_path, cache_dir) is None:  # a cores-only entry has no adapter/
+        if not src_path.is_dir():
+            raise FileNotFoundError(f"{src}: no such adapter directory")
+        src_path = src_path.resolve()
     cache_dir = Path(cache_dir).expanduser()
     with reading(cache_dir):
-        prepared = _prepare_locked(src_path, base, max_rank, cache_dir, served_model)
+        prepared = _prepare_locked(src_path, base, max_rank, cache_dir, served_model, folded)
         if pin is not None:
             pin(prepared.key)
     return prepared
 
 
-def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_model) -> Prepared:
+def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_model, folded) -> Prepared:
     entry = trusted_entry(src_path, cache_dir)
     if entry is not None:
-        _touch(entry)
-        metrics.cache_hit()
-        return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
+        source = (read_marker(entry) or {}).get("source")
+        if not (folded and not (entry / ADAPTER_SUBDIR).is_dir() and isinstance(source, str)):
+            _touch(entry)
+            metrics.cache_hit()
+            return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
+        src_path = Path(source)  # a cores-only entry, asked for folded: from its source
+        if not src_path.is_dir():
+            raise FileNotFoundError(f"{source}: no such adapter directory")
 
     from nora_serve.converters import convert_adapter, detect_format, read_adapter
     from nora_serve.methods import get_method
 
     fmt = detect_format(src_path)
-    key = cache_key(src_path, base=base, max_rank=max_rank)
+    form = _form(src_path, folded)
+    key = cache_key(src_path, base=base, max_rank=max_rank, form=form)
 
     final = cache_dir / key
     if (final / MARKER).is_file():
@@ -365,7 +391,16 @@ def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_mode
     except OSError as e:
         raise _unavailable(e, cache_dir) from None
     try:
-        if get_method(deltas.method).foldable:
+        split = None
+        if form == "cores":
+            from nora_serve.converters.shared_basis import split_shared_basis
+
+            split = split_shared_basis(src_path)
+        if split is not None and (max_rank is None or split.rank <= max_rank):
+            # Served from its cores: its fold (rank <= the basis rank) is made only if a worker
+            # needs it in a dense slot.
+            report = {"method": split.method, "modules": len(split.cores), "served_as": "cores"}
+        elif get_method(deltas.method).foldable:
             report = convert_adapter(
                 str(src_path), str(tmp / ADAPTER_SUBDIR), base=str(base) if base else None,
                 fmt=fmt, max_rank=max_rank, progress=False,
@@ -376,9 +411,8 @@ def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_mode
             report = _write_output_scaled(deltas, tmp, base)
         meta = {"source": str(src_path), "format": fmt, "key": key, "max_rank": max_rank,
                 "base": str(base) if base else None, "report": _jsonable(report)}
-        shared = _write_shared_basis(src_path, tmp, cache_dir)
-        if shared:
-            meta["shared_basis"] = shared
+        if split is not None:
+            meta["shared_basis"] = _write_shared_basis(split, tmp, cache_dir)
         meta["digest"] = entry_digest(tmp)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         try:
@@ -447,17 +481,12 @@ def output_scales(adapter_dir: str | Path) -> dict | None:
     return load_file(str(f))
 
 
-def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:
-    """For a native NoRA / IntTune adapter: its cores into the entry and its basis into the
-    shared ``bases/`` directory (once per distinct basis). The folded ``adapter/`` stays too, for
-    servers that keep these adapters as plain LoRA."""
-    from nora_serve.converters.shared_basis import shared_basis_method, split_shared_basis
-
-    if shared_basis_method(src) is None:
-        return None
+def _write_shared_basis(split, entry: Path, cache_dir: Path) -> dict:
+    """A shared-basis adapter (``split``: :func:`~nora_serve.converters.shared_basis.split_shared_basis`):
+    its cores into the entry and its basis into the shared ``bases/`` directory, once per
+    distinct basis (a basis file of the store is linked, not written again)."""
     from safetensors.torch import save_file
 
-    split = split_shared_basis(src)
     save_file(split.cores, str(entry / CORES_NAME))
     bases = cache_dir / BASES_SUBDIR
     bases.mkdir(parents=True, exist_ok=True)
@@ -466,7 +495,15 @@ def _write_shared_basis(src: Path, entry: Path, cache_dir: Path) -> dict | None:
         fd, tmp = tempfile.mkstemp(prefix=f".{split.key}.tmp-{_tmp_tag()}-", dir=bases)
         os.close(fd)
         try:
-            save_file(split.basis, tmp)
+            source = getattr(split, "basis_path", None)
+            if source is not None:
+                os.unlink(tmp)
+                try:
+                    os.link(source, tmp)  # the store's file, checked against its digest
+                except OSError:
+                    shutil.copyfile(source, tmp)
+            else:
+                save_file(split.basis, tmp)
             os.replace(tmp, final)  # identical content whoever wins
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

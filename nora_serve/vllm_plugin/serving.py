@@ -247,6 +247,11 @@ class FrontEnd:
         roots = [(lora_path, "the adapter directory")]
         if self.model:
             roots.append((self.model, "the base model"))
+        if self.store is not None:  # e.g. where a shared basis was looked for (<store>/bases/)
+            roots.append((str(self.store.adapter_dir), "the store"))
+        from nora_serve.converters.basis_file import cache_dir as basis_cache
+
+        roots.append((str(basis_cache()), "the basis cache"))
         for root, name in roots:
             for p in {str(Path(root)), str(Path(root).resolve())}:
                 msg = msg.replace(p + "/", "").replace(p, name)

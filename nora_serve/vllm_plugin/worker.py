@@ -13,8 +13,9 @@ from .state import UNKNOWN_RANK, WorkerState
 from .storage import BASIS, DENSE, EMPTY, AdapterStorage
 
 
-def convert_request(state: WorkerState, manager, lora_request):
-    """The same request, pointing at a stock PEFT LoRA (converted into the cache if needed)."""
+def convert_request(state: WorkerState, manager, lora_request, *, folded: bool = False):
+    """The same request, pointing at its cache entry (converted into the cache if needed): a
+    stock PEFT LoRA, or for a shared-basis adapter its cores (``folded``: its PEFT LoRA)."""
     if state.settings is None:
         return lora_request
     import msgspec
@@ -31,6 +32,7 @@ def convert_request(state: WorkerState, manager, lora_request):
             max_rank=manager.lora_config.max_lora_rank,
             cache_dir=state.settings.cache_path,
             served_model=state.model_dir,
+            folded=folded,
         )
     except FileNotFoundError as e:
         raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
@@ -67,7 +69,7 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
     lid = lora_request.lora_int_id
     model = _load_cores(state, manager, lora_request, orig_load, request) if state.settings else None
     if model is None:
-        model = orig_load(manager, request)
+        model = orig_load(manager, _dense(state, manager, lora_request, request))
         rank = state.record_rank(lid, model)
         from .cache import output_scales
 
@@ -76,6 +78,16 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
     state.adapter_bytes[lid] = _weight_bytes(model)
     state.reported_residency = None  # report again after this step
     return model
+
+
+def _dense(state: WorkerState, manager, lora_request, request):
+    """``request`` as a PEFT LoRA vLLM can load: a cores-only entry is folded first (once, into
+    an entry of its own), only now that this adapter needs a dense slot."""
+    from pathlib import Path
+
+    if state.settings is None or (Path(request.lora_path) / "adapter_config.json").is_file():
+        return request
+    return convert_request(state, manager, lora_request, folded=True)
 
 
 def _weight_bytes(lora_model) -> int:
@@ -134,7 +146,7 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
         # Layers without shared-basis storage keep vLLM's own (one slot per adapter): those
         # modules are served from the folded LoRA, the others as cores. The adapter stays a
         # shared-basis one, as the scheduler counted it.
-        folded = orig_load(manager, request)
+        folded = orig_load(manager, _dense(state, manager, lora_request, request))
         for m in missing:
             w = folded.loras.get(m)
             if w is None:
