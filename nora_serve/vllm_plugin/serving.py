@@ -108,7 +108,7 @@ class FrontEnd:
         self.pending: Counter[str] = Counter()  # cache key -> prepares not yet settled
         self.inflight: Counter[str] = Counter()  # adapter name -> requests in the engine
         self.resolved: dict[str, Ticket] = {}  # store name -> its ticket, while resolving
-        self._lock = threading.Lock()  # pending and inflight are read from the eviction thread
+        self._lock = threading.Lock()  # pending, inflight and served are read from the eviction thread
 
     def configure(self, settings: NoraSettings) -> None:
         """Nora is on in this API server (its engine config says so): clean the cache of what
@@ -182,11 +182,14 @@ class FrontEnd:
         """Store adapters whose entry was evicted while idle: forgotten here, resolved (and
         converted) again on their next request."""
         gone = set(removed)
-        for name, s in list(self.served.items()):
-            if s.from_store and s.key in gone and not self.inflight.get(name):
+        with self._lock:
+            names = [n for n, s in self.served.items()
+                     if s.from_store and s.key in gone and not self.inflight.get(n)]
+            for name in names:
                 del self.served[name]
-                if models is not None:
-                    getattr(models, "lora_requests", {}).pop(name, None)
+        for name in names:
+            if models is not None:
+                getattr(models, "lora_requests", {}).pop(name, None)
 
     # -- converting --------------------------------------------------------------------------
     def _prepare_blocking(self, lora_path: str):
@@ -230,7 +233,8 @@ class FrontEnd:
         return ticket
 
     def register(self, name: str, ticket: Ticket, *, from_store: bool) -> None:
-        self.served[name] = Served(ticket.prepared.key, from_store)
+        with self._lock:  # in_use() reads it from the eviction thread
+            self.served[name] = Served(ticket.prepared.key, from_store)
 
     async def settle(self, models, ticket: Ticket) -> None:
         """The ticket's adapter is registered (or refused): unpin it, keep the cache within its
