@@ -628,23 +628,43 @@ def cache_usage(cache_dir: str | Path) -> CacheUsage:
     return CacheUsage(entries, bases)
 
 
-def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use=frozenset()) -> list[str]:
+# Counting the whole cache walks every entry; after each of thousands of conversions that is
+# quadratic. Below the bound, a conversion adds its entry's size to the last count instead, and
+# the whole cache is counted again at most this often (other processes convert too).
+RECOUNT_S = 30.0
+_counted: dict[str, tuple[int, float]] = {}  # cache dir -> (bytes, monotonic time of the count)
+
+
+def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use=frozenset(),
+                  added: str | Path | None = None) -> list[str]:
     """Keep the cache under ``max_bytes``: remove least recently used entries (by their last
     use) that are not ``in_use`` (entry keys, or a function returning them: called once the lock
     is held, so that nothing pinned in between escapes it), then the bases no remaining entry
     needs. Entries in use are never removed, so the cache may stay above the bound while they
-    are loaded. Reports the cache's size (metrics.py) either way. Returns the keys removed."""
+    are loaded. ``added``: the entry just written (its size is added to the last count, which is
+    redone in full when that passes the bound or is older than ``RECOUNT_S``). Reports the
+    cache's size (metrics.py) either way. Returns the keys removed."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
+    known = _counted.get(str(cache_dir))
+    if added is not None and known is not None and time.monotonic() - known[1] < RECOUNT_S:
+        total = known[0] + _tree_bytes(Path(added))
+        if not max_bytes or total <= max_bytes:
+            _counted[str(cache_dir)] = (total, known[1])
+            metrics.cache_bytes(total)
+            return []
     if not max_bytes:
-        metrics.cache_bytes(cache_usage(cache_dir).total)
+        total = cache_usage(cache_dir).total
+        _counted[str(cache_dir)] = (total, time.monotonic())
+        metrics.cache_bytes(total)
         return []
     removed: list[str] = []
     with _dir_lock(cache_dir, shared=False):
         usage = cache_usage(cache_dir)
         total = usage.total
         if total <= max_bytes:
+            _counted[str(cache_dir)] = (total, time.monotonic())
             metrics.cache_bytes(total)
             return []
         if callable(in_use):
@@ -665,6 +685,7 @@ def enforce_limit(cache_dir: str | Path, max_bytes: int | None, in_use=frozenset
                 with contextlib.suppress(OSError):
                     (cache_dir / BASES_SUBDIR / f"{bkey}.safetensors").unlink()
                 total -= size
+    _counted[str(cache_dir)] = (total, time.monotonic())
     metrics.cache_bytes(total)
     if removed:
         _log().info("nora: cache over %.2f GB: removed %d least recently used entries (%.2f GB left)",

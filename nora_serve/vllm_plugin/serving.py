@@ -19,6 +19,7 @@ import contextvars
 import os
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -43,6 +44,9 @@ STORE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}\Z")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                  "model.safetensors", "checkpoint")
 NOT_FOUND = "no adapter found at the given path"
+# A store adapter named by a request this recently is not idle: the request has passed the model
+# check but may not have reached the engine yet (its entry must not be evicted meanwhile).
+BUSY_GRACE_S = 10.0
 
 
 def _inside(path: str, root: str) -> bool:
@@ -107,6 +111,7 @@ class FrontEnd:
         self.served: dict[str, Served] = {}  # adapter name -> what it is
         self.pending: Counter[str] = Counter()  # cache key -> prepares not yet settled
         self.inflight: Counter[str] = Counter()  # adapter name -> requests in the engine
+        self.seen: dict[str, float] = {}  # adapter name -> last request naming it (monotonic)
         self.resolved: dict[str, Ticket] = {}  # store name -> its ticket, while resolving
         self._lock = threading.Lock()  # pending, inflight and served are read from the eviction thread
 
@@ -151,6 +156,15 @@ class FrontEnd:
             with self._lock:
                 self.inflight[name] += 1
 
+    def touch(self, name: str) -> None:
+        """A request names adapter ``name`` (``_check_model``): it is not idle, though it reaches
+        the engine (:meth:`hold`) only a moment later."""
+        with self._lock:
+            self.seen[name] = time.monotonic()
+
+    def _busy(self, name: str) -> bool:  # with self._lock held
+        return self.inflight.get(name, 0) > 0 or time.monotonic() - self.seen.get(name, -1e9) < BUSY_GRACE_S
+
     def release(self, name: str | None) -> None:
         if name:
             with self._lock:
@@ -164,16 +178,15 @@ class FrontEnd:
         a request in the engine. Called by the eviction with the cache lock held."""
         with self._lock:
             keys = set(self.pending)
-            keys |= {s.key for name, s in self.served.items()
-                     if not s.from_store or self.inflight.get(name, 0) > 0}
+            keys |= {s.key for name, s in self.served.items() if not s.from_store or self._busy(name)}
         return keys
 
-    def enforce_cache_limit(self) -> list[str]:
+    def enforce_cache_limit(self, added: str | None = None) -> list[str]:
         """Keep the cache within its bound (if any); it reports the cache's size (metrics.py).
-        The keys removed."""
+        ``added``: the entry just converted. The keys removed."""
         s = self.settings
         try:
-            return cache.enforce_limit(s.cache_path, s.cache_max_bytes, self.in_use)
+            return cache.enforce_limit(s.cache_path, s.cache_max_bytes, self.in_use, added=added)
         except Exception as e:  # housekeeping never fails a request
             logger.warning("nora: could not keep the cache %s under its bound: %s", s.cache_path, e)
             return []
@@ -183,10 +196,10 @@ class FrontEnd:
         converted) again on their next request."""
         gone = set(removed)
         with self._lock:
-            names = [n for n, s in self.served.items()
-                     if s.from_store and s.key in gone and not self.inflight.get(n)]
+            names = [n for n, s in self.served.items() if s.from_store and s.key in gone and not self._busy(n)]
             for name in names:
                 del self.served[name]
+                self.seen.pop(name, None)
         for name in names:
             if models is not None:
                 getattr(models, "lora_requests", {}).pop(name, None)
@@ -241,7 +254,7 @@ class FrontEnd:
         bound, and forget the idle store adapters whose entries that removed."""
         self._unpin(ticket.prepared.key)
         if ticket.prepared.converted_now:
-            removed = await asyncio.to_thread(self.enforce_cache_limit)
+            removed = await asyncio.to_thread(self.enforce_cache_limit, str(Path(ticket.prepared.path).parent))
             if removed:
                 self.forget_evicted(models, removed)
 
@@ -375,6 +388,8 @@ async def check_model(front: FrontEnd, serving, orig, request):
     fault is answered with the 400 naming the fault."""
     models = getattr(serving, "models", None)
     name = getattr(request, "model", None)
+    if front.enabled and isinstance(name, str) and name in front.served:
+        front.touch(name)
     store = front.store
     if (store is None or not front.enabled or models is None or not isinstance(name, str) or not name
             or name in models.lora_requests or serving._is_model_supported(name)
@@ -400,6 +415,7 @@ async def check_model(front: FrontEnd, serving, orig, request):
     if isinstance(found, LoRARequest):
         if found.lora_int_id == ticket.lora_id:
             front.register(name, ticket, from_store=True)
+        front.touch(name)
         return None
     if _is_error(found) and found.error.code == HTTPStatus.BAD_REQUEST.value:
         return found  # found, but the engine could not load it
