@@ -71,7 +71,8 @@ def _disk_fault(e: BaseException, cache_dir: Path) -> bool:
     return any(w in str(e) for w in _DISK_WORDS)
 
 
-def _inside(path: str, root: Path) -> bool:
+def _inside(path: str, root: str | Path) -> bool:
+    """``path`` is ``root`` or below it (as strings: no resolving)."""
     root_s = str(Path(root).expanduser())
     return path == root_s or path.startswith(root_s.rstrip(os.sep) + os.sep)
 
@@ -343,10 +344,6 @@ def prepare_adapter(
     that must put it in a dense slot.
     """
     src_path = Path(src).expanduser()
-    if trusted_entry(src_path, cache_dir) is None:  # a cores-only entry has no adapter/
-        if not src_path.is_dir():
-            raise FileNotFoundError(f"{src}: no such adapter directory")
-        src_path = src_path.resolve()
     cache_dir = Path(cache_dir).expanduser()
     with reading(cache_dir):
         prepared = _prepare_locked(src_path, base, max_rank, cache_dir, served_model, folded)
@@ -364,8 +361,9 @@ def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_mode
             metrics.cache_hit()
             return Prepared(str(entry / ADAPTER_SUBDIR), str(src_path), entry.name, None, False)
         src_path = Path(source)  # a cores-only entry, asked for folded: from its source
-        if not src_path.is_dir():
-            raise FileNotFoundError(f"{source}: no such adapter directory")
+    if not src_path.is_dir():  # checked here, not before: a cores-only entry has no adapter/
+        raise FileNotFoundError(f"{src_path}: no such adapter directory")
+    src_path = src_path.resolve()
 
     from nora_serve.converters import convert_adapter, detect_format, read_adapter
     from nora_serve.methods import get_method

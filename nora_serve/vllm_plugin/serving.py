@@ -30,7 +30,7 @@ from vllm.lora.resolver import LoRAResolver
 
 from . import cache, metrics
 from .adapter_ids import adapter_id
-from .cache import CacheUnavailable, prepare_adapter
+from .cache import CacheUnavailable, _inside, prepare_adapter
 from nora_serve.converters.base_identity import served_base_dir
 from .settings import NoraSettings
 
@@ -47,10 +47,6 @@ NOT_FOUND = "no adapter found at the given path"
 # A store adapter named by a request this recently is not idle: the request has passed the model
 # check but may not have reached the engine yet (its entry must not be evicted meanwhile).
 BUSY_GRACE_S = 10.0
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 class AdapterRefused(Exception):
