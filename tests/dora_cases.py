@@ -44,7 +44,7 @@ def _peft_model(base_dir: str, adapter_dir: str):
 @lru_cache(maxsize=None)
 def peft_run(base_dir: str, adapter_dir: str, prompt: tuple[int, ...], max_tokens: int) -> dict:
     """Greedy tokens, their logprobs and the prompt's logprobs by stock PEFT's forward (fp32),
-    in the shape ``test_serve_reference.reference_run`` returns."""
+    in the shape ``reference.reference_run`` returns."""
     model = _peft_model(base_dir, adapter_dir)
 
     @torch.no_grad()

@@ -15,7 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters, reference_run, train_shared_basis_adapters  # noqa: E402
+from adapters import make_native_adapters, train_shared_basis_adapters  # noqa: E402
+from reference import reference_run  # noqa: E402
 
 pytestmark = pytest.mark.server
 

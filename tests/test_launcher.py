@@ -16,7 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import assert_matches, complete, reference_run  # noqa: E402
+from reference import reference_run  # noqa: E402
+from vllm_server import assert_matches, complete  # noqa: E402
 from vllm_server import CPU_DEFAULT_ARGS, VLLMServer, free_port  # noqa: E402
 
 PROMPT = [1, 23, 112, 123, 18, 47, 40, 109]

@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference as ref  # noqa: E402
-from test_plugin_offline import run_offline  # noqa: E402
-from test_serve_reference import Reference, _write_task  # noqa: E402
+from offline_llm import run_offline  # noqa: E402
+from adapters import write_task  # noqa: E402
+from reference import Reference  # noqa: E402
 from test_train import load_native  # noqa: E402
 
 RANK, ALPHA, LR, STEPS = 4, 8.0, 1.0, 8
@@ -31,7 +32,7 @@ METHOD_NAME_COMPARE = re.compile(r"""method\s*(?:==|!=|(?:not\s+)?in\s*[(\[{])\s
 def _train(base_dir, out: Path, task: str, data_seed: int, seed: int, out_dir: Path | None = None):
     from nora_serve.train import TrainConfig, train
 
-    data = _write_task(out.parent / f"{out.name}.jsonl", task, data_seed)
+    data = write_task(out.parent / f"{out.name}.jsonl", task, data_seed)
     return train(TrainConfig(model=str(base_dir), data=str(data), method="loraxs", out=str(out), rank=RANK,
                              alpha=ALPHA, lr=LR, max_steps=STEPS, batch_size=16, schedule="constant",
                              seed=seed, progress=False))

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,54 +10,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters, reference_run, train_shared_basis_adapters  # noqa: E402
+from adapters import make_native_adapters, train_shared_basis_adapters  # noqa: E402
+from offline_llm import run_offline  # noqa: E402
+from reference import reference_run  # noqa: E402
 
 pytestmark = pytest.mark.server
 
-SCRIPT = r'''
-import json, sys
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-    from nora_serve.vllm_plugin import llm_kwargs
-    base, cache, prompt, adapters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
-    nora = extra.pop("nora", {})
-    with_prompt = extra.pop("prompt_logprobs", False)
-    llm = LLM(model=base, dtype="float32", max_model_len=128, gpu_memory_utilization=0.05,
-              **extra, **llm_kwargs(cache_dir=cache, **nora))
-    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True,
-                        prompt_logprobs=0 if with_prompt else None)
-    reqs = [LoRARequest(name, i + 1, path) if path else None for i, (name, path) in enumerate(adapters)]
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(reqs), sp, lora_request=reqs)
-    res = []
-    for o in outs:
-        c = o.outputs[0]
-        res.append({"tokens": list(c.token_ids),
-                    "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]})
-        if with_prompt:
-            res[-1]["prompt_logprobs"] = [None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], prompt[1:])]
-    print("RESULT " + json.dumps(res), flush=True)
-'''
-
-
-def run_offline(base_dir, tmp_path, adapters, prompt, extra=None) -> tuple[list[dict], str]:
-    """Run SCRIPT (cache in ``tmp_path / "cache"``): each request's result, and the run's log.
-    ``extra``: LLM arguments, ``"nora"``: the plugin's, ``"prompt_logprobs": True``: those too."""
-    script = tmp_path / "offline.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    p = subprocess.run([sys.executable, str(script), str(base_dir), str(tmp_path / "cache"), json.dumps(prompt),
-                        json.dumps(adapters), json.dumps(extra or {})], capture_output=True, text=True, timeout=600,
-                       env=env)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, p.stdout[-3000:] + p.stderr[-5000:]
-    return json.loads(line[len("RESULT "):]), p.stdout + p.stderr
-
 
 def _run_offline(base_dir, tmp_path, adapters, prompt, extra=None) -> str:
-    """Run SCRIPT, check every request against the reference; returns the run's log."""
+    """Run every adapter offline, check every request against the reference; returns the run's log."""
     got, log = run_offline(base_dir, tmp_path, adapters, prompt, extra)
     for (name, path), g in zip(adapters, got):
         want = reference_run(str(base_dir), path, tuple(prompt), 6)

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters, reference_run  # noqa: E402
+from adapters import make_native_adapters  # noqa: E402
+from reference import reference_run  # noqa: E402
 from vllm_server import NORA_ENTRY, VLLMServer  # noqa: E402
 
 PROMPTS = ([1, 23, 112, 123, 18, 47, 40, 109], [5, 9, 13, 40, 41, 42, 7, 3])
@@ -163,7 +164,7 @@ def test_slot_plan_holds_every_step_the_scheduler_admits(max_loras, dense, bases
 
 def _peft_lora(out: Path, base_dir: Path, seed: int, r: int = 4, alpha: float = 8.0,
                base_name: str | None = None) -> Path:
-    from test_serve_reference import base_modules, base_weights
+    from reference import base_modules, base_weights
 
     W = base_weights(base_dir)
     g = torch.Generator().manual_seed(seed)
@@ -393,6 +394,7 @@ def _mounted_tmpfs(path: Path, size: str):
     return path
 
 
+@pytest.mark.server
 def test_unwritable_cache_refuses_to_start_in_one_line(base_dir, tmp_path):
     ro = _mounted_tmpfs(tmp_path / "ro", "1m")
     try:
@@ -539,12 +541,14 @@ def alone(env):
     return out
 
 
+@pytest.mark.server
 def test_stale_temporaries_removed_at_start(env, alone):
     assert not [n.name for n in env["cache"].iterdir() if ".tmp-" in n.name], env["left"]
     code, toks = _complete(env["srv"], "killed", PROMPTS[0])
     assert code == 200, toks
 
 
+@pytest.mark.server
 def test_adapter_churn_at_max_loras_2(env, alone):
     """4 threads x 50 completions round-robin over 8 adapters and the base, several rounds:
     every answer equals the adapter served alone, the engine stays up."""
@@ -580,6 +584,7 @@ def test_adapter_churn_at_max_loras_2(env, alone):
     ("n_lora/../n_slora", 404, "does not exist"),
     ("%2e%2e", 404, "does not exist"),
 ])
+@pytest.mark.server
 def test_hostile_model_names_and_store_content(env, alone, name, code, words):
     srv = env["srv"]
     r = srv.post("/v1/completions", {"model": name, "prompt": PROMPTS[0], "max_tokens": 2})
@@ -593,6 +598,7 @@ def test_hostile_model_names_and_store_content(env, alone, name, code, words):
     assert _complete(srv, env["base"], PROMPTS[0]) == (200, alone[(env["base"], 0)])
 
 
+@pytest.mark.server
 def test_runtime_loading_closed_by_default(env, alone):
     srv = env["srv"]
     r = srv.post("/v1/load_lora_adapter", {"lora_name": "by_path", "lora_path": str(env["outside"] / "escaped")})
@@ -601,6 +607,7 @@ def test_runtime_loading_closed_by_default(env, alone):
     assert srv.post("/v1/completions", {"model": "by_path", "prompt": [1, 2], "max_tokens": 1}).status_code == 404
 
 
+@pytest.mark.server
 def test_nan_adapter_in_a_mixed_batch_leaves_others_unchanged(env, alone):
     """``nanx`` carries NaN weights that got past validation. Sent at once with the base and
     another adapter, the others' tokens stay exactly those they get alone."""
@@ -627,6 +634,7 @@ def test_nan_adapter_in_a_mixed_batch_leaves_others_unchanged(env, alone):
 
 
 
+@pytest.mark.server
 def test_models_list_no_server_paths(env, alone):
     data = env["srv"].get("/v1/models").json()["data"]
     roots = {m["id"]: m["root"] for m in data}
@@ -637,6 +645,7 @@ def test_models_list_no_server_paths(env, alone):
     assert roots[env["base"]] == env["base"], roots
 
 
+@pytest.mark.server
 def test_metric_series_do_not_grow_with_adapters(env, alone):
     """vLLM's ``vllm:lora_requests_info`` takes the running adapters' names as a label value (a
     series per combination); with nora on it is not set, and the nora series are a fixed set."""
@@ -650,6 +659,7 @@ def test_metric_series_do_not_grow_with_adapters(env, alone):
     assert len(series) <= 40, series
 
 
+@pytest.mark.server
 def test_store_name_with_trailing_newline_is_not_found(env, alone):
     r = env["srv"].post("/v1/completions", {"model": env["names"][0] + "\n", "prompt": PROMPTS[0], "max_tokens": 2})
     assert r.status_code == 404, r.text

@@ -15,12 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dora_cases import make_peft_dora, moves_beyond_lora, peft_run  # noqa: E402
-from test_serve_reference import (  # noqa: E402
-    assert_matches,
-    complete,
-    make_native_adapters,
-    reference_run,
-)
+from adapters import make_native_adapters  # noqa: E402
+from reference import reference_run  # noqa: E402
+from vllm_server import assert_matches, complete  # noqa: E402
 from vllm_server import NORA_ENTRY, VLLMServer  # noqa: E402
 
 pytestmark = pytest.mark.server

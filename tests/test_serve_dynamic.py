@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import assert_matches, complete, make_native_adapters, reference_run  # noqa: E402
+from adapters import make_native_adapters  # noqa: E402
+from reference import reference_run  # noqa: E402
+from vllm_server import assert_matches, complete  # noqa: E402
 from vllm_server import VLLMServer  # noqa: E402
 
 pytestmark = pytest.mark.server

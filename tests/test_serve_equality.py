@@ -14,18 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import (  # noqa: E402
-    FIXTURE_ADAPTERS,
-    NATIVE_METHODS,
-    SHARED_BASIS_ADAPTERS,
-    assert_matches,
-    assert_mixed_batch,
-    assert_stored_as_cores,
-    complete,
-    make_native_adapters,
-    reference_run,
-    train_shared_basis_adapters,
-)
+from adapters import NATIVE_METHODS, SHARED_BASIS_ADAPTERS, make_native_adapters, train_shared_basis_adapters  # noqa: E402
+from reference import FIXTURE_ADAPTERS, reference_run  # noqa: E402
+from vllm_server import assert_matches, assert_mixed_batch, assert_stored_as_cores, complete  # noqa: E402
 from vllm_server import VLLMServer  # noqa: E402
 
 pytestmark = pytest.mark.server

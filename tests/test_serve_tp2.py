@@ -11,12 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import (  # noqa: E402
-    assert_mixed_batch,
-    assert_stored_as_cores,
-    make_native_adapters,
-    train_shared_basis_adapters,
-)
+from adapters import make_native_adapters, train_shared_basis_adapters  # noqa: E402
+from vllm_server import assert_mixed_batch, assert_stored_as_cores  # noqa: E402
 from vllm_server import VLLMServer  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.tp2]
@@ -72,7 +68,8 @@ def test_peft_dora_tp2(server, base_dir, adapters, tmp_path_factory):
 
     from dora_cases import make_peft_dora, peft_run
     from test_serve_dora import train_dora
-    from test_serve_reference import assert_matches, complete, reference_run
+    from reference import reference_run
+    from vllm_server import assert_matches, complete
 
     root = tmp_path_factory.mktemp("dora")
     doras = {"peft_dora": make_peft_dora(base_dir, root / "peft_dora", seed=7),

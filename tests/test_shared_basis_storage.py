@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_serve_reference import make_native_adapters, train_shared_basis_adapters  # noqa: E402
+from adapters import make_native_adapters, train_shared_basis_adapters  # noqa: E402
 
 
 @pytest.fixture(scope="module")
