@@ -122,7 +122,7 @@ def make_step(res, batch, dyrank_reg: float):
     """One training step as the trainer runs it (forward, loss, backward, AdamW, and for
     dyrank the importance update and the regulariser), on a fixed batch."""
     from nora_serve.train.data import causal_lm_loss
-    from nora_serve.train.dyrank import DyRankPruner
+    from nora_serve.methods.dyrank import DyRankPruner
 
     params = [p for layer in res.layers.values() for p in layer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-9)  # timing only: the weights barely move
@@ -139,8 +139,7 @@ def make_step(res, batch, dyrank_reg: float):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if pruner is not None:
-            for m in pruner.layers.values():
-                m.update_score(0.9)
+            pruner.update_scores()
         res.model.eval()
 
     return step

@@ -10,7 +10,7 @@ repeated runs with the same sizes reuse the model and the adapters:
   q/k/v/o/gate/up/down.
 - ``nora/nora_XXXX``, ``inttune/inttune_XXXX``: native nora-serve adapters written the way
   ``nora-train`` writes them, without training: the frozen outer factors are computed exactly as
-  the trainer computes them (NoRA: ``svd_outer_f32`` of each stored weight; IntTune: the
+  the trainer computes them (NoRA: the method's ``basis``, the SVD of each stored weight; IntTune: the
   Nystrom slices ``W0[:r, :]`` / ``W0[:, :r]``), so every adapter of a method shares its basis
   bit for bit (same ``shared_basis`` fingerprint); only the inner factors (NoRA ``inner_A`` /
   ``inner_B``, IntTune's ``r x r`` ``lora_N``) are random per adapter.
@@ -212,10 +212,9 @@ def make_shared_basis(model_dir: Path, out: Path, method: str, n: int, seed: int
     import torch
 
     from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensors
-    from nora_serve.converters.native import SHARED_TENSORS, NativeAdapter
+    from nora_serve.converters.native import NativeAdapter
+    from nora_serve.methods import get_method
     from nora_serve.methods.three_matrix import nystrom_init
-    from nora_serve.train.layers import svd_outer_f32
-    from nora_serve.train.trainer import SHARED_RULES
 
     paths = [out / f"{method}_{j:04d}" for j in range(n)]
     todo = [j for j, p in enumerate(paths) if not (p / "adapter_model.safetensors").is_file()]
@@ -228,15 +227,14 @@ def make_shared_basis(model_dir: Path, out: Path, method: str, n: int, seed: int
     for m in modules:
         w0 = _weight(W, m)  # as stored (fp32 here), as the trainer reads it
         if method == "nora":
-            A_o, B_o = svd_outer_f32(w0, RANK)
-            basis[m] = {"outer_A": A_o.contiguous(), "outer_B": B_o.contiguous()}
+            basis[m] = {k: t.contiguous() for k, t in get_method("nora").basis(w0, RANK).items()}
         else:
             A, _N, B = (t.to(torch.float32) for t in nystrom_init(w0, RANK))
             basis[m] = {"lora_A": A.contiguous(), "lora_B": B.contiguous()}
-    shared = {f"{m}.{t}": basis[m][t] for m in modules for t in SHARED_TENSORS[method]}
+    shared = {f"{m}.{t}": basis[m][t] for m in modules for t in get_method(method).shared}
     cfg = {"method": method, "r": RANK, "use_rslora": False,
            "base_model_name_or_path": str(model_dir), "base_fingerprints": fps,
-           "shared_basis": {"rule": SHARED_RULES[method], "r": RANK, "calibration": None,
+           "shared_basis": {"rule": get_method(method).shared_rule, "r": RANK, "calibration": None,
                             "fingerprint": fingerprint_tensors(shared)}}
     if method == "nora":
         cfg.update(inner_r=NORA_INNER, lora_alpha=float(NORA_INNER))  # scale 1

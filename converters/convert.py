@@ -13,6 +13,7 @@ from .atomic import atomic_dir
 from .base_identity import BaseCheck, compare_named_base, find_base, local_model_dir, resolve_identity
 from .errors import AdapterError
 from .fold import RankError, fold
+from .formats import get_format, names_base
 from .peft_writer import write_peft_lora
 from .readers import AdapterDeltas, read_adapter
 
@@ -218,8 +219,8 @@ def _base_identity(d: AdapterDeltas, base, base_dir: Path | None,
                          "with --base-model-name-or-path)")
     elif base is not None:
         written, set_by = resolve_identity(str(base), relative_to=Path.cwd()), "--base"
-    elif d.format == "dora_dyrank":
-        raise AdapterError("a dynamic-rank DoRA checkpoint names no base model: pass --base BASE "
+    elif not names_base(d.format):
+        raise AdapterError(f"{get_format(d.format).what} names no base model: pass --base BASE "
                            "(checked, and recorded as its base) or --base-model-name-or-path NAME",
                            file=d.path)
     else:

@@ -43,10 +43,6 @@ def method_entry(method: Method | str, t: dict[str, torch.Tensor], scale: float,
     )
 
 
-def _lora_entry(A, B, scale, rank=None) -> ModuleEntry:
-    return method_entry("lora", {"lora_A": A, "lora_B": B}, scale, rank=rank)
-
-
 def _dyrank_entry(A, c, B, scale, pruned=None) -> ModuleEntry:
     """Dynamic-rank DoRA with the official checkpoint's pruning mask (True = pruned): the method
     computes with ``c`` zeroed where pruned."""

@@ -8,7 +8,7 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       "format": "nora-serve", "format_version": 2,   # 1: the shared basis embedded (see below)
       "method": "nora",                  # a registered native method: lora, nora, loraxs, ...
       "r": 8,                            # rank; NoRA: outer rank; dyrank: start rank r0
-      "inner_r": 4,                      # NoRA only: r'
+      "inner_r": 4,                      # a method's own keys (NoRA: the inner rank r')
       "lora_alpha": 16, "use_rslora": false,
       "scaling": 4.0,                    # s, recorded for readers; must equal the method's rule
       "target_modules": ["model.layers.0.self_attn.q_proj", ...],   # full module names
@@ -20,15 +20,10 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
     }
 
 Tensors, keyed ``<module>.<name>``, and the scale rule: each method's own, from the method
-registry (:mod:`nora_serve.methods`: ``get_method(name).tensors`` / ``.scale``), e.g.
-
-    lora                    lora_A [r, d_in], lora_B [d_out, r]; alpha / r (rsLoRA: / sqrt(r))
-    nora                    outer_A [r, d_in], outer_B [d_out, r] (frozen, shared basis),
-                            inner_A [r', r], inner_B [r, r'] (trained); alpha / r'
-    slora / nlora / inttune lora_A [r, d_in], lora_N [r, r], lora_B [d_out, r]; alpha / r
-    dyrank                  lora_A [r0, d_in], lora_c [r0], lora_B [d_out, r0]; alpha / r0
-    loraxs                  outer_A [r, d_in], outer_B [d_out, r] (frozen, shared basis),
-                            lora_R [r, r] (trained); alpha / r
+registry (:mod:`nora_serve.methods`): ``get_method(name).tensors`` in saving order (its
+``shared`` pair is the basis, frozen), ``.scale`` (``alpha / r`` unless the method says
+otherwise), and their shapes in the method's module docstring (``nora_serve/methods/<name>.py``);
+``nora-train --help`` lists each method's delta and scale.
 
 A method with an ``export`` (PEFT's DoRA) is saved in its own foreign format instead.
 
@@ -43,7 +38,6 @@ the user basis cache). Readers take both.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,33 +51,6 @@ FORMAT_VERSION_CORES = 2  # shared-basis methods: own tensors only, the basis in
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_CORES)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class _RegistryView(Mapping):
-    """``{method: value}`` over the registered native methods, read live from the registry
-    (kept for callers of the former tables)."""
-
-    def __init__(self, value, keep=lambda m: True):
-        self._value, self._keep = value, keep
-
-    def _names(self):
-        return [n for n in method_names(native=True) if self._keep(get_method(n))]
-
-    def __getitem__(self, name):
-        if name not in self._names():
-            raise KeyError(name)
-        return self._value(get_method(name))
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __len__(self):
-        return len(self._names())
-
-
-METHOD_TENSORS: Mapping[str, tuple[str, ...]] = _RegistryView(lambda m: m.tensors)
-# Tensors that are a deterministic function of the base weights: shared between adapters.
-SHARED_TENSORS: Mapping[str, tuple[str, str]] = _RegistryView(lambda m: m.shared, lambda m: m.shared_basis)
 
 
 def method_scale(config: dict) -> float:

@@ -6,7 +6,8 @@ forward (used by ``--verify`` as an independent recomputation). Module names are
 (``model.layers.0.self_attn.q_proj``): PEFT's ``base_model.model.`` and the DoRA wrapper's
 ``model.`` prefixes are stripped.
 
-Formats (``detect_format``), each with its detection predicate and reader in its own module:
+Formats (``detect_format``), registered below in detection order (:mod:`.formats`: detection,
+reader, whether it names a base), each reader in its own module:
 
 ==============  =====================================================================
 native          this project's format (:mod:`.native`), ``"format": "nora-serve"``
@@ -14,7 +15,7 @@ native          this project's format (:mod:`.native`), ``"format": "nora-serve"
 three_matrix    official SLoRA / NLoRA / IntTune: PEFT layout plus ``lora_N`` per module
                 (:mod:`.read_three_matrix`)
 dora_dyrank     official dynamic-rank DoRA: ``model.safetensors`` + ``prune_state_dict.pt``
-                (:mod:`.read_dora`)
+                (:mod:`.read_dora`); names no base
 peft_lora       stock PEFT LoRA (rank/alpha patterns, rsLoRA; PiSSA/OLoRA saved converted;
                 ``use_dora``: the method ``dora``, read but never folded) (:mod:`.read_peft`)
 peft_adalora    stock PEFT AdaLoRA (``lora_A``/``lora_E``/``lora_B``) (:mod:`.read_peft`)
@@ -30,11 +31,11 @@ common checks in :mod:`.reader_common`, PEFT's layout in :mod:`.peft_layout`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from .adapter_deltas import AdapterDeltas, ModuleEntry
 from .base_identity import BaseCheck, compare_named_base
 from .errors import AdapterError
+from .formats import AdapterFormat, format_names, formats, get_format, register_format
 from .peft_layout import CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, RESIDUAL_INITS
 from .read_dora import DORA_LORA_SUFFIXES, DORA_PRUNE, DORA_WEIGHTS, _check_dora_frozen, _dora_dir, _read_dora
 from .read_native import _is_native_config, _read_native
@@ -45,12 +46,40 @@ from .tensors_io import read_json
 
 # Names that lived here before the split stay importable from here.
 __all__ = [
-    "FORMATS", "READERS", "AdapterDeltas", "ModuleEntry", "detect_format", "read_adapter",
+    "FORMATS", "AdapterDeltas", "ModuleEntry", "detect_format", "read_adapter",
     "check_against_base", "base_weight_shapes", "CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS",
     "RESIDUAL_INITS", "DORA_WEIGHTS", "DORA_PRUNE", "DORA_LORA_SUFFIXES",
 ]
 
-FORMATS = ("native", "three_matrix", "dora_dyrank", "peft_lora", "peft_adalora", "peft_vera")
+PEFT_TYPES = {"peft_lora": "LORA", "peft_adalora": "ADALORA", "peft_vera": "VERA"}
+
+
+def _peft_type(cfg: dict | None) -> str | None:
+    t = cfg.get("peft_type") if cfg is not None else None
+    return str(t).upper() if t is not None else None
+
+
+register_format(AdapterFormat(
+    "native", 'nora-serve\'s own format (adapter_config.json with "format": "nora-serve")',
+    detect=lambda path, cfg: cfg is not None and _is_native_config(cfg), read=_read_native))
+register_format(AdapterFormat(
+    "three_matrix", "official SLoRA / NLoRA / IntTune checkpoints (PEFT layout + lora_N)",
+    detect=lambda path, cfg: _peft_type(cfg) == "LORA" and _is_three_matrix(path, cfg),
+    read=_read_three_matrix))
+register_format(AdapterFormat(
+    "dora_dyrank", f"official dynamic-rank DoRA checkpoint dir ({DORA_WEIGHTS} + {DORA_PRUNE})",
+    detect=lambda path, cfg: cfg is None and _dora_dir(path) is not None, read=_read_dora,
+    # Names the exact tensor that differs, so it runs before the fingerprint check.
+    names_base=False, what="a dynamic-rank DoRA checkpoint", check_base=_check_dora_frozen))
+for _name, _summary, _read in (
+        ("peft_lora", "stock PEFT LoRA (rank_pattern, alpha_pattern, rsLoRA; PiSSA/OLoRA saved converted)",
+         _read_peft_lora),
+        ("peft_adalora", "stock PEFT AdaLoRA", _read_peft_adalora),
+        ("peft_vera", "stock PEFT VeRA (needs --base)", _read_peft_vera)):
+    register_format(AdapterFormat(_name, _summary, read=_read,
+                                  detect=lambda path, cfg, t=PEFT_TYPES[_name]: _peft_type(cfg) == t))
+
+FORMATS = format_names()
 
 
 def detect_format(path: str | Path) -> str:
@@ -61,27 +90,18 @@ def detect_format(path: str | Path) -> str:
     if not path.is_dir():
         raise AdapterError("not a directory (an adapter is a directory)", file=path)
     cfg_path = path / CONFIG
-    if cfg_path.exists():
-        cfg = read_json(cfg_path)
-        if _is_native_config(cfg):
-            return "native"
-        peft_type = cfg.get("peft_type")
-        if peft_type is None:
-            raise AdapterError("unknown adapter format: no 'peft_type' and no 'format' key", file=cfg_path)
-        peft_type = str(peft_type).upper()
-        if peft_type == "LORA":
-            return "three_matrix" if _is_three_matrix(path, cfg) else "peft_lora"
-        if peft_type == "ADALORA":
-            return "peft_adalora"
-        if peft_type == "VERA":
-            return "peft_vera"
-        raise AdapterError(f"unsupported peft_type {peft_type!r} (supported: LORA, ADALORA, VERA)",
-                           file=cfg_path)
-    if _dora_dir(path) is not None:
-        return "dora_dyrank"
-    raise AdapterError(
-        "unknown adapter format: no adapter_config.json, and not a dynamic-rank DoRA checkpoint "
-        f"({DORA_WEIGHTS} + {DORA_PRUNE})", file=path)
+    cfg = read_json(cfg_path) if cfg_path.exists() else None
+    for fmt in formats():
+        if fmt.detect(path, cfg):
+            return fmt.name
+    if cfg is None:
+        raise AdapterError(
+            "unknown adapter format: no adapter_config.json, and not a dynamic-rank DoRA checkpoint "
+            f"({DORA_WEIGHTS} + {DORA_PRUNE})", file=path)
+    if _peft_type(cfg) is None:
+        raise AdapterError("unknown adapter format: no 'peft_type' and no 'format' key", file=cfg_path)
+    raise AdapterError(f"unsupported peft_type {_peft_type(cfg)!r} (supported: "
+                       f"{', '.join(PEFT_TYPES.values())})", file=cfg_path)
 
 
 def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
@@ -118,16 +138,6 @@ def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
     return fps
 
 
-READERS: dict[str, Callable[[Path, Path | None, dict], AdapterDeltas]] = {
-    "native": _read_native,
-    "three_matrix": _read_three_matrix,
-    "peft_lora": _read_peft_lora,
-    "peft_adalora": _read_peft_adalora,
-    "peft_vera": _read_peft_vera,
-    "dora_dyrank": _read_dora,
-}
-
-
 def read_adapter(path: str | Path, *, base: str | Path | None = None, fmt: str | None = None,
                  lora_alpha: float | None = None, adalora_ranknum: str = "init_r",
                  basis: str | Path | None = None) -> AdapterDeltas:
@@ -143,18 +153,18 @@ def read_adapter(path: str | Path, *, base: str | Path | None = None, fmt: str |
     path = Path(path)
     if fmt is None:
         fmt = detect_format(path)
-    elif fmt not in READERS:
+    elif fmt not in FORMATS:
         raise AdapterError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", file=path)
     elif not path.is_dir():
         raise AdapterError("not a directory (an adapter is a directory)", file=path)
     base = Path(base) if base is not None else None
     opts = {"lora_alpha": lora_alpha, "adalora_ranknum": adalora_ranknum, "basis": basis}
-    d = READERS[fmt](path, base, opts)
+    reader = get_format(fmt)
+    d = reader.read(path, base, opts)
     if not d.entries:
         raise AdapterError("the adapter targets no modules", file=path)
     if base is not None:
-        if fmt == "dora_dyrank":
-            # Names the exact tensor that differs, so it runs before the fingerprint check.
-            _check_dora_frozen(d, base)
+        if reader.check_base is not None:
+            reader.check_base(d, base)
         d.base_fingerprints = check_against_base(d, base)
     return d

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensors, load_base_weights
-from nora_serve.converters.native import SHARED_TENSORS, method_scale, module_factors
-from nora_serve.methods import dyrank_budget, nystrom_init, svd_outer
+from nora_serve.converters.native import method_scale, module_factors
+from nora_serve.methods import dyrank_budget, get_method, nystrom_init, svd_outer
 from nora_serve.train import DataError, TrainConfig, load_examples, train
 from nora_serve.train.inject import LLAMA_TARGETS
 
@@ -54,7 +54,7 @@ def load_native(path):
     if cfg.get("format_version") == 2:
         basis = load_file(str(path.parent / "bases" / f"{cfg['shared_basis']['digest']}.safetensors"))
         for m, t in groups.items():
-            for key, n in zip(("A", "B"), SHARED_TENSORS[cfg["method"]]):
+            for key, n in zip(("A", "B"), get_method(cfg["method"]).shared):
                 t[n] = basis[f"{m}.{key}"]
     return cfg, groups
 
@@ -186,11 +186,11 @@ def test_saved_config(trained, base_dir, method):
     assert mods[0] == "model.layers.0.mlp.down_proj"  # full HF module names
     assert cfg["base_fingerprints"] == base_fingerprints(base_dir, mods)
     assert math.isclose(cfg["scaling"], method_scale(cfg))
-    if method in SHARED_TENSORS:
+    if get_method(method).shared_basis:
         sb = cfg["shared_basis"]
         assert sb["rule"] == {"nora": "svd", "inttune": "nystrom"}[method]
         assert sb["r"] == RANK and sb["calibration"] is None
-        shared = {f"{m}.{t}": groups[m][t] for m in mods for t in SHARED_TENSORS[method]}
+        shared = {f"{m}.{t}": groups[m][t] for m in mods for t in get_method(method).shared}
         assert sb["fingerprint"] == fingerprint_tensors(shared)
     else:
         assert cfg["shared_basis"] is None

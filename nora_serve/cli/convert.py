@@ -25,18 +25,17 @@ import torch
 from nora_serve.cli import (DTYPE_CHOICES, EXIT_ERROR, EXIT_OK, add_version_flag, usage_error,
                             warn, warnings_to_stderr)
 from nora_serve.converters import FORMATS, AdapterError, convert_adapter, detect_format
+from nora_serve.converters.formats import formats, get_format, names_base
 
 PROG = "nora-convert"
 
-EPILOG = """\
-formats (detected automatically):
-  native        nora-serve's own format (adapter_config.json with "format": "nora-serve")
-  three_matrix  official SLoRA / NLoRA / IntTune checkpoints (PEFT layout + lora_N)
-  dora_dyrank   official dynamic-rank DoRA checkpoint dir (model.safetensors + prune_state_dict.pt)
-  peft_lora     stock PEFT LoRA (rank_pattern, alpha_pattern, rsLoRA; PiSSA/OLoRA saved converted)
-  peft_adalora  stock PEFT AdaLoRA
-  peft_vera     stock PEFT VeRA (needs --base)
+def _formats_help() -> str:
+    """One line per registered adapter format, from its own summary."""
+    lines = [f"  {f.name:<13} {f.summary}" for f in formats()]
+    return "formats (detected automatically):\n" + "\n".join(lines) + "\n\n"
 
+
+EPILOG = """\
 With several sources the last argument is a directory; each source goes to OUT_DIR/<name>.
 A native NoRA / LoRA-XS / IntTune adapter from nora-train holds only its own tensors and names
 its shared basis by digest: it is found in the store's bases/ folder beside the adapter
@@ -44,17 +43,17 @@ its shared basis by digest: it is found in the store's bases/ folder beside the 
 ($NORA_BASIS_CACHE, default ~/.cache/nora-serve/bases). --export-native SRC OUT writes it as
 one self-contained directory (basis embedded, format_version 1) for sharing.
 Each output says which base check ran ("base check: ..." on stdout, "base_check" in
-nora_convert.json). A dynamic-rank DoRA checkpoint names no base: give --base or
---base-model-name-or-path (else exit 2).
+nora_convert.json). A source whose format names no base (a dynamic-rank DoRA checkpoint):
+give --base or --base-model-name-or-path (else exit 2).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Fold adapters (NoRA, SLoRA/NLoRA/IntTune, dynamic-rank DoRA, PEFT LoRA/"
+        description="Fold adapters (NoRA, LoRA-XS, SLoRA/NLoRA/IntTune, dynamic-rank DoRA, PEFT LoRA/"
                     "AdaLoRA/VeRA/PiSSA) exactly into stock PEFT LoRA directories for vLLM.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_formats_help() + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT, or SRC... OUT_DIR")
     add_version_flag(p)
     p.add_argument("--base", metavar="MODEL",
@@ -131,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return usage_error(parser, f"several sources would be written to {out / dup[0]}")
         jobs = [(s, out / n) for s, n in zip(srcs, names)]
     if args.base is None and args.base_model_name_or_path is None:
-        for s in srcs:  # DoRA checkpoints name no base: refuse before writing a null identity
-            if _format_of(s, args.format) == "dora_dyrank":
-                return usage_error(parser, f"{s}: a dynamic-rank DoRA checkpoint names no base "
+        for s in srcs:  # a format that names no base: refuse before writing a null identity
+            fmt = _format_of(s, args.format)
+            if fmt is not None and not names_base(fmt):
+                return usage_error(parser, f"{s}: {get_format(fmt).what} names no base "
                                            "model: pass --base BASE or --base-model-name-or-path NAME")
     with warnings_to_stderr(PROG):
         return _run(args, jobs)

@@ -2,8 +2,10 @@
 
 Every flag is generated from a field of :class:`nora_serve.train.TrainConfig` (its type, default
 and metadata: help, flag names and aliases, group, choices), so the CLI and the Python API
-cannot drift apart. Exit status: 0 success, 1 runtime error (one line on stderr), 2 usage
-error (a bad flag, or settings that contradict each other).
+cannot drift apart; a method's own settings (its ``options`` in the method registry) form one
+argument group per method, so a new method's flags need no change here. Exit status: 0 success,
+1 runtime error (one line on stderr), 2 usage error (a bad flag, or settings that contradict
+each other).
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 import types
 import typing
 
 from nora_serve.cli import (EXIT_ERROR, EXIT_OK, add_version_flag, usage_error,
                             warnings_to_stderr)
 from nora_serve.train import DataError, TrainConfig, train
-from nora_serve.train.trainer import ADAPTER, DYRANK, OPTIM, RUNTIME
+from nora_serve.train.trainer import ADAPTER, OPTIM, RUNTIME
 
 PROG = "nora-train"
-GROUP_ORDER = (ADAPTER, OPTIM, DYRANK, RUNTIME)  # after the ungrouped (required) flags
+# After the ungrouped (required) flags; then one group per method with settings of its own.
+GROUP_ORDER = (ADAPTER, OPTIM, RUNTIME)
 
 EPILOG = """\
 data: JSONL, one object per line, either {"text": "..."} (loss on every token) or
@@ -40,8 +44,6 @@ methods:
 
 def _methods_help() -> str:
     """One entry per trainable registered method, from its own summary."""
-    import textwrap
-
     from nora_serve.methods import get_method
     from nora_serve.train import METHODS
 
@@ -74,9 +76,10 @@ def add_config_arguments(p: argparse.ArgumentParser, cls=TrainConfig) -> None:
         groups[name] = p.add_argument_group(name)
     for f in dataclasses.fields(cls):
         md = f.metadata
-        group = md.get("group")
+        group = md.get("group") or (f"--method {md['method']}" if "method" in md else None)
         if group not in groups:
-            groups[group] = p.add_argument_group(group)
+            doc = md.get("group_help")
+            groups[group] = p.add_argument_group(group, textwrap.fill(doc, 76) if doc else None)
         g = groups[group]
         kw: dict = {"dest": f.name, "help": md.get("help", "")}
         tp = _base_type(hints[f.name])

@@ -6,17 +6,10 @@ Init as PEFT's default: A kaiming-uniform, B = 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import Factors
 from .registry import InitArgs, Method, check_pairs, kaiming_, mm, register_method
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """PEFT's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def lora_factors(A: torch.Tensor, B: torch.Tensor, scale: float) -> Factors:

@@ -5,14 +5,22 @@
 ``W0`` (``sqrt(S)`` on each side; activation-aware with a calibration batch), so all NoRA
 adapters of one base and outer settings share it: a shared-basis method with core
 ``s B_i A_i``. Init: ``A_i`` kaiming-uniform, ``B_i = 0`` (the model starts at the base).
+
+Training settings of its own (:class:`NoraOptions`): the inner rank ``r'`` (``--inner-rank``)
+and the activation-aware SVD's calibration batch (``--calibration N``).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
 
 import torch
 
 from .base import Factors
 from .registry import InitArgs, Method, check_pairs, kaiming_, max_rank_check, mm, register_method
+from .training import BasisInputs, RunInputs, TrainOptions, option
 
 
 def nora_factors(
@@ -115,12 +123,6 @@ def _check(t):
     )
 
 
-def _validate(config) -> None:
-    r, r_in = int(config["r"]), config.get("inner_r")
-    if r_in is None or not 1 <= int(r_in) < r:
-        raise ValueError(f"NoRA needs 1 <= inner_rank < rank, got inner_rank={r_in}, rank={r}")
-
-
 def _basis(W0, r, act_scale=None):
     # Of the weight as stored, upcast exactly to float32 first (the SVD itself runs in float64).
     A_o, B_o = svd_outer(W0.to(torch.float32), r, act_scale)
@@ -136,6 +138,54 @@ def _init(a: InitArgs) -> dict[str, torch.Tensor]:
     t["inner_A"] = kaiming_(torch.empty(r_in, a.r), a.gen)
     t["inner_B"] = torch.zeros(a.r, r_in)
     return t
+
+
+CALIBRATION_POWER = 0.5  # the activation scale is mean(|x|) ** power per input channel
+
+
+def calibration_settings(batches: list[list[int]], max_length: int, dtype: torch.dtype, power: float) -> dict:
+    """What the activation-aware outer pair depends on, recorded in ``shared_basis``."""
+    digest = hashlib.sha256(json.dumps(batches).encode()).hexdigest()[:32]
+    return {
+        "stat": "mean_abs",
+        "power": power,
+        "examples": len(batches),
+        "max_length": max_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens_sha256": digest,
+    }
+
+
+@dataclass(frozen=True)
+class NoraOptions(TrainOptions):
+    """NoRA's inner rank and the activation-aware SVD of its shared basis."""
+
+    inner_rank: int | None = option(None, "inner rank r' < rank", default_help="rank // 2",
+                                    exclusive=True)
+    calibration: int = option(0, "activation-aware SVD from the first N training examples "
+                                 "(0: plain SVD of W0)", metavar="N", exclusive=True)
+
+    def inner_r(self, rank: int) -> int:
+        return self.inner_rank if self.inner_rank is not None else max(1, rank // 2)
+
+    def validate(self, rank: int) -> None:
+        r_in = self.inner_r(rank)
+        if not 1 <= r_in < rank:
+            raise ValueError(f"NoRA needs 1 <= inner_rank < rank, got inner_rank={r_in}, rank={rank}")
+        if self.calibration < 0:
+            raise ValueError("calibration must be >= 0 examples")
+
+    def config(self, rank: int) -> dict:
+        return {"inner_r": self.inner_r(rank)}
+
+    def prepare(self, run: RunInputs) -> BasisInputs | None:
+        if not self.calibration:
+            return None
+        # The first N usable examples in file order: a deterministic calibration batch. The
+        # scales take a forward pass: only when the basis is computed from them.
+        seqs = [e.input_ids for e in run.examples[: self.calibration]]
+        return BasisInputs(calibration_settings(seqs, run.max_length, run.dtype, CALIBRATION_POWER),
+                           lambda: run.activation_scales(seqs, CALIBRATION_POWER))
 
 
 NORA = register_method(Method(
@@ -157,6 +207,5 @@ NORA = register_method(Method(
     trainable=("inner_A", "inner_B"),
     init=_init,
     needs_w0=True,
-    calibration=True,
-    validate=_validate,
+    options=NoraOptions,
 ))

@@ -3,7 +3,8 @@
 
 Everything outside ``nora_serve/methods/`` asks the registry (``get_method(name)``) for what a
 method is: its tensors, its scale rule, its factors ``ΔW = P Q``, its forward, its shared basis
-and core, its trainable tensors and their init. Nothing else compares method names.
+and core, its trainable tensors and their init, its own training hyperparameters and hooks
+(``options``, :mod:`.training`). Nothing else compares method names.
 
 A method's tensors, per module, are keyed by their short names (``lora_A``, ``outer_B``, ...);
 the native format stores them as ``<module>.<name>``.
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 import torch
 
 from .base import Factors
+from .training import TrainOptions
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -35,7 +37,7 @@ class InitArgs:
     r: int  # the configured rank (NoRA: outer; dyrank: the target)
     d_out: int
     d_in: int
-    config: Mapping  # the adapter config being trained (lora_alpha, inner_r, use_rslora, ...)
+    config: Mapping  # r, lora_alpha, use_rslora and the method's own keys (TrainOptions.config)
     W0: torch.Tensor | None = None  # the base weight as stored (methods with ``needs_w0``)
     gen: torch.Generator | None = None  # this module's generator
     act_scale: torch.Tensor | None = None  # activation-aware SVD scale (``calibration`` methods)
@@ -76,10 +78,9 @@ class Method:
     init: Callable[[InitArgs], dict[str, torch.Tensor]] | None = None
     needs_w0: bool = False  # init reads the stored base weight
     needs_weight: bool = False  # forward reads the base weight (not a delta of the input alone)
-    calibration: bool = False  # takes an activation-aware SVD (``--calibration``)
     start_rank: Callable[[int], int] = lambda r: r  # the rank trained from the configured one
-    dynamic_rank: bool = False  # pruned during training (the trainer's DyRankPruner)
-    validate: Callable[[Mapping], None] | None = None  # config -> ValueError naming the setting
+    # Its own hyperparameters and training hooks (a TrainOptions dataclass, see .training).
+    options: type[TrainOptions] = TrainOptions
     # Storage.
     native: bool = True  # has the native format (else only its foreign one)
     foldable: bool = True  # a low-rank delta relative to W0 (else ``nora-convert`` refuses)

@@ -8,7 +8,7 @@ in the native format (PEFT DoRA: in PEFT's).
 
 from .data import DataError, Example, load_examples, read_jsonl
 from .inject import LLAMA_TARGETS, METHODS, find_targets, inject
-from .layers import AdapterLinear, DyRankLinear, MethodLinear
+from .layers import AdapterLinear, MethodLinear
 from .trainer import TrainConfig, TrainResult, count_trainable, prepare, train
 
 __all__ = [
@@ -27,5 +27,4 @@ __all__ = [
     "inject",
     "AdapterLinear",
     "MethodLinear",
-    "DyRankLinear",
 ]

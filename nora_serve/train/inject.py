@@ -12,16 +12,17 @@ adapters trained from one base share them bit for bit.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from nora_serve.methods import InitArgs, dyrank_start_rank, get_method, method_names  # noqa: F401
+from collections.abc import Mapping
 
-from .layers import AdapterLinear, DyRankLinear, MethodLinear
+from nora_serve.methods import InitArgs, get_method, method_names
+
+from .layers import AdapterLinear, MethodLinear
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The methods the trainer can train: every registered method with an init.
@@ -111,19 +112,6 @@ def activation_scales(model: nn.Module, names: list[str], batches: list[list[int
     return {n: (sums[n] / counts[n]).clamp_min(1e-6) ** power for n in names}
 
 
-def calibration_settings(batches: list[list[int]], max_length: int, dtype: torch.dtype, power: float) -> dict:
-    """What the activation-aware outer pair depends on, recorded in ``shared_basis``."""
-    digest = hashlib.sha256(json.dumps(batches).encode()).hexdigest()[:32]
-    return {
-        "stat": "mean_abs",
-        "power": power,
-        "examples": len(batches),
-        "max_length": max_length,
-        "dtype": str(dtype).removeprefix("torch."),
-        "tokens_sha256": digest,
-    }
-
-
 def build_layer(
     method: str,
     base: nn.Linear,
@@ -131,7 +119,7 @@ def build_layer(
     *,
     r: int,
     alpha: float,
-    inner_r: int | None = None,
+    config: Mapping | None = None,
     use_rslora: bool = False,
     dropout: float = 0.0,
     act_scale: torch.Tensor | None = None,
@@ -140,17 +128,17 @@ def build_layer(
 ) -> AdapterLinear:
     """One adapter layer around ``base``: the method's init (``W0``: its weight as stored, for
     methods that read it; ``basis``: its frozen shared pair, when the run has it) in the
-    method's layer."""
+    method's layer. ``config``: the method's own config keys (``TrainOptions.config``, e.g.
+    NoRA's ``inner_r``)."""
     spec = get_method(method)
     if spec.init is None:
         raise ValueError(f"method {method!r} cannot be trained (trainable: {', '.join(METHODS)})")
     r_used = spec.start_rank(r)
     config = {"r": r_used, "lora_alpha": alpha, "use_rslora": bool(use_rslora and spec.rslora),
-              "inner_r": inner_r}
+              **(config or {})}
     tensors = spec.init(InitArgs(r_used, base.out_features, base.in_features, config, W0, gen, act_scale,
                                  basis))
-    cls = DyRankLinear if spec.dynamic_rank else MethodLinear
-    return cls(base, spec, tensors, spec.scale(config), r_used, dropout=dropout)
+    return MethodLinear(base, spec, tensors, spec.scale(config), r_used, dropout=dropout)
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:

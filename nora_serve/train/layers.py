@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora_serve.methods import Factors, Method, dyrank_importance, svd_outer
-from nora_serve.methods.registry import kaiming_ as _kaiming_  # noqa: F401  (kept importable)
+from nora_serve.methods import Factors, Method
 
 
 class AdapterLinear(nn.Module):
@@ -83,35 +82,3 @@ class MethodLinear(AdapterLinear):
 
     def factors(self):
         return self.spec.factors(self.native_tensors(), self.scale)
-
-
-class DyRankLinear(MethodLinear):
-    """A method with ``dynamic_rank`` (dynamic-rank DoRA): ``ΔW = s · B diag(c) A`` over ``r0``
-    single-rank components. ``pruned`` (a bool buffer) marks components whose ``c_k`` the pruner
-    zeroes; the importance EMA lives here too, per module."""
-
-    def __init__(self, base, spec, tensors, scale, r, *, dropout=0.0):
-        super().__init__(base, spec, tensors, scale, r, dropout=dropout)
-        dev = base.weight.device
-        self.register_buffer("pruned", torch.zeros(r, dtype=torch.bool, device=dev))
-        self.register_buffer("score", torch.zeros(r, device=dev))
-
-    @torch.no_grad()
-    def update_score(self, beta: float, eps: float = 1e-8) -> None:
-        s = dyrank_importance(self.lora_A, self.lora_c, self.lora_B, eps)
-        self.score.mul_(beta).add_((1 - beta) * s.to(self.score.device))
-
-    @torch.no_grad()
-    def apply_mask(self) -> None:
-        self.lora_c[self.pruned] = 0
-
-    @property
-    def true_rank(self) -> int:
-        return int((self.lora_c.detach() != 0).sum())
-
-
-def svd_outer_f32(W0: torch.Tensor, r: int, act_scale: torch.Tensor | None = None):
-    """:func:`svd_outer` of the weight as stored, returned as float32 ``(A_o, B_o)``."""
-    # The SVD itself runs in float64 (svd_outer); an exact upcast of bf16/fp16 weights first.
-    A_o, B_o = svd_outer(W0.to(torch.float32), r, act_scale)
-    return A_o, B_o

@@ -10,12 +10,14 @@ the native adapter (``adapter_config.json``, ``adapter_model.safetensors``) plus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
 import time
+import typing
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,15 +28,14 @@ from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_ten
 from nora_serve.converters.basis_file import BASES_DIR
 from nora_serve.converters.native import FORMAT_VERSION_CORES, NativeAdapter
 from nora_serve.methods import get_method, method_names
+from nora_serve.methods.training import BasisInputs, RunInputs, TrainOptions, option
 
 from .basis import RunBasis, run_basis
 from .data import Example, causal_lm_loss, collate, load_examples
-from .dyrank import DyRankPruner
 from .inject import (
     LLAMA_TARGETS,
     METHODS,
     activation_scales,
-    calibration_settings,
     find_targets,
     inject,
     model_dir,
@@ -45,17 +46,11 @@ from .layers import AdapterLinear
 LOG_NAME = "train_log.json"
 PLOT_NAME = "loss.png"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# {method: rule} of the shared-basis methods, from the registry (kept for bench/serve_modes.py).
-SHARED_RULES = {n: get_method(n).shared_rule for n in method_names(shared_basis=True)}
 
 
-def _opt(default, help: str, **cli):
-    """A ``TrainConfig`` field with what ``nora-train`` needs to make its flag (see
-    ``nora_serve.cli.train``): ``help``; optional ``flags`` (first the name shown, then aliases;
-    default ``--field-name``), ``group``, ``choices``, ``metavar``, ``default_help`` (shown as
-    ``[...]`` instead of the default), ``parse`` (str -> value), ``required`` (on the command
-    line), ``negate`` (a bool whose flag sets it False)."""
-    return field(default=default, metadata={"help": help, **cli})
+# A common field: ``option``'s metadata plus ``group`` (its ``nora-train --help`` section) and
+# ``required`` (on the command line).
+_opt = option
 
 
 def _req(help: str, **cli):
@@ -67,13 +62,13 @@ def _split_targets(s: str) -> tuple[str, ...]:
 
 
 DTYPE_CHOICES = ("auto", *DTYPES)
-ADAPTER, OPTIM, DYRANK, RUNTIME = "adapter", "optimisation", "dyrank (dynamic-rank DoRA)", "runtime"
+ADAPTER, OPTIM, RUNTIME = "adapter", "optimisation", "runtime"
+SHARED_BASIS_METHODS = ", ".join(method_names(shared_basis=True))
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``train`` takes. Each field is also a ``nora-train`` flag (``--field-name``
-    unless its metadata names others), generated from these fields and their metadata."""
+class _CommonConfig:
+    """The settings every method takes."""
 
     model: str = _req("base model: a local directory or a cached Hub name",
                       flags=("--base", "--model"), metavar="MODEL")
@@ -83,8 +78,6 @@ class TrainConfig:
                            metavar="DIR")
     rank: int = _opt(8, "rank r (NoRA, LoRA-XS: the outer rank; dyrank: the target average rank)",
                      group=ADAPTER)
-    inner_rank: int | None = _opt(None, "NoRA only: inner rank r' < rank", group=ADAPTER,
-                                  default_help="rank // 2")
     alpha: float = _opt(16.0, "scale numerator alpha (see the scale per method)", group=ADAPTER,
                         flags=("--lora-alpha", "--alpha"), metavar="ALPHA")
     targets: tuple[str, ...] = _opt(
@@ -108,25 +101,21 @@ class TrainConfig:
     schedule: str = _opt("linear", "learning-rate decay after warmup", group=OPTIM,
                          choices=("constant", "linear", "cosine"))
     grad_clip: float = _opt(1.0, "max gradient norm, 0 to disable", group=OPTIM)
-    use_rslora: bool = _opt(False, "lora, loraxs, dora: scale alpha/sqrt(r)", group=ADAPTER,
+    use_rslora: bool = _opt(False, ", ".join(n for n in METHODS if get_method(n).rslora)
+                            + ": scale alpha/sqrt(r)", group=ADAPTER,
                             flags=("--rslora", "--use-rslora"))
-    calibration: int = _opt(0, "NoRA only: activation-aware SVD from the first N training "
-                               "examples (0: plain SVD of W0)", group=ADAPTER, metavar="N")
-    basis: str | None = _opt(None, "NoRA, LoRA-XS, IntTune: train against this shared-basis file "
+    basis: str | None = _opt(None, f"{SHARED_BASIS_METHODS}: train against this shared-basis file "
                                    "(checked against the base) instead of one found by recipe or "
                                    "computed", group=ADAPTER, metavar="FILE",
                              default_help="found or computed")
-    dyrank_warmup_ratio: float = _opt(0.15, "fraction of steps before pruning starts", group=DYRANK)
-    dyrank_final_ratio: float = _opt(0.5, "fraction of steps at the end trained with the final "
-                                          "ranks fixed", group=DYRANK)
-    dyrank_interval: int | None = _opt(None, "steps between prunings", group=DYRANK,
-                                       default_help="a tenth of the pruning phase")
-    dyrank_beta: float = _opt(0.9, "EMA factor of the importance scores", group=DYRANK)
-    dyrank_reg: float = _opt(0.1, "weight of the component-variance regulariser while pruning",
-                             group=DYRANK)
     overwrite: bool = _opt(False, "replace --out if it exists")
     progress: bool = _opt(True, "no progress bar (it shows only when stderr is a terminal)",
                           group=RUNTIME, flags=("--quiet", "--no-progress"), negate=True)
+
+    def options(self) -> TrainOptions:
+        """This run's method's own settings, from the fields it declares."""
+        cls = get_method(self.method).options
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -134,19 +123,15 @@ class TrainConfig:
         spec = get_method(self.method)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if spec.validate is not None:
-            spec.validate({"r": self.rank, "inner_r": self.inner_r, "lora_alpha": self.alpha})
-        if self.inner_rank is not None and "inner_r" not in spec.config_keys:
-            takes = [n for n in METHODS if "inner_r" in get_method(n).config_keys]
-            raise ValueError(f"inner_rank is a setting of {', '.join(takes)}; method {self.method!r} takes none")
-        if self.calibration and not spec.calibration:
-            takes = [n for n in METHODS if get_method(n).calibration]
-            raise ValueError(f"calibration (activation-aware SVD) applies to {', '.join(takes)} only")
-        if self.calibration < 0:
-            raise ValueError("calibration must be >= 0 examples")
+        for f in fields(self):  # another method's setting that must not be set on this one
+            owner = f.metadata.get("method")
+            if (owner not in (None, self.method) and f.metadata.get("exclusive")
+                    and getattr(self, f.name) != f.default):
+                raise ValueError(f"{f.name} is a setting of method {owner}; method {self.method!r} "
+                                 "takes none")
+        self.options().validate(self.rank)
         if self.basis is not None and not spec.shared_basis:
-            takes = [n for n in METHODS if get_method(n).shared_basis]
-            raise ValueError(f"basis (a shared-basis file) applies to {', '.join(takes)} only")
+            raise ValueError(f"basis (a shared-basis file) applies to {SHARED_BASIS_METHODS} only")
         for k in ("batch_size", "max_length"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
@@ -163,9 +148,29 @@ class TrainConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 
-    @property
-    def inner_r(self) -> int:
-        return self.inner_rank if self.inner_rank is not None else max(1, self.rank // 2)
+
+def _method_fields() -> list[tuple[str, object, dataclasses.Field]]:
+    """Each registered method's own settings (its ``options`` dataclass) as config fields, in
+    registration order, marked with the method (``nora-train`` groups their flags by it)."""
+    out, owner = [], {f.name: "nora-train" for f in fields(_CommonConfig)}
+    for name in method_names():
+        cls = get_method(name).options
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in owner:
+                raise ValueError(f"method {name}: setting {f.name!r} is already one of {owner[f.name]}'s")
+            owner[f.name] = name
+            md = {**f.metadata, "method": name, "group_help": (cls.__doc__ or "").strip()}
+            out.append((f.name, hints[f.name], field(default=f.default, metadata=md)))
+    return out
+
+
+TrainConfig = dataclasses.make_dataclass("TrainConfig", _method_fields(), bases=(_CommonConfig,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = """Everything ``train`` takes: the common settings and every method's own (its
+``options`` dataclass, :mod:`nora_serve.methods.training`). Each field is also a ``nora-train``
+flag (``--field-name`` unless its metadata names others), generated from the fields and their
+metadata."""
 
 
 @dataclass
@@ -266,27 +271,25 @@ def prepare(cfg: TrainConfig, examples: list[Example] | None = None):
     if fps is None:  # no safetensors with these names: fingerprint the loaded weights
         fps = {n: fingerprint_tensor(model.get_submodule(n).weight) for n in names}
 
-    seqs, calib = [], None
-    if cfg.calibration:
-        # The first N usable examples in file order: a deterministic calibration batch.
-        seqs = [e.input_ids for e in examples[: cfg.calibration]]
-        calib = calibration_settings(seqs, cfg.max_length, dtype, 0.5)
-    # The activation scales take a forward pass: only when a basis is computed from them.
-    act_scales = (lambda: activation_scales(model, names, seqs, power=0.5)) if seqs else (lambda: None)
-
+    opts = cfg.options()
+    # The method's own preparation (NoRA: its calibration batch for an activation-aware basis).
+    prep = opts.prepare(RunInputs(examples, cfg.max_length, dtype,
+                                  lambda seqs, power: activation_scales(model, names, seqs, power=power))
+                        ) or BasisInputs()
     spec = get_method(cfg.method)
     basis = None
     if spec.shared_basis:
-        basis = run_basis(spec, r=cfg.rank, names=names, fps=fps, calibration=calib,
-                          weights=lambda: stored_weights(model, names, mdir), act_scales=act_scales,
+        basis = run_basis(spec, r=cfg.rank, names=names, fps=fps,
+                          calibration=prep.calibration, weights=lambda: stored_weights(model, names, mdir),
+                          act_scales=prep.act_scales,
                           explicit=cfg.basis, store=store_dir(cfg.out), base_name=cfg.model,
                           progress=cfg.progress)
     layer_kw = dict(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                    inner_r=cfg.inner_r if "inner_r" in spec.config_keys else None)
+                    config=opts.config(cfg.rank))
     weights = stored_weights(model, names, mdir) if spec.needs_w0 else None
     layers = inject(model, cfg.method, names, weights=weights, seed=cfg.seed,
                     basis=basis.tensors if basis is not None else None, **layer_kw)
-    info = {"base_fingerprints": fps, "calibration": calib, "basis": basis}
+    info = {"base_fingerprints": fps, "calibration": prep.calibration, "basis": basis}
     return model, tok, layers, examples, info
 
 
@@ -319,7 +322,9 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dict, rank_pattern=None) -> NativeAdapter:
+def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dict,
+                   saved: dict | None = None) -> NativeAdapter:
+    """The trained adapter; ``saved``: what the method's procedure records (``finish()``)."""
     spec = get_method(cfg.method)
     config = {
         "method": cfg.method,
@@ -332,11 +337,7 @@ def native_adapter(cfg: TrainConfig, layers: dict[str, AdapterLinear], info: dic
     }
     if spec.shared_basis:  # the basis in its own file, named by digest
         config["format_version"] = FORMAT_VERSION_CORES
-    if "inner_r" in spec.config_keys:
-        config["inner_r"] = cfg.inner_r
-    if spec.dynamic_rank:
-        config["rank_pattern"] = rank_pattern
-        config["target_r"] = cfg.rank
+    config.update(cfg.options().config(cfg.rank), **(saved or {}))  # the method's own keys
     tensors = {
         n: {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in layer.native_tensors().items()}
         for n, layer in layers.items()
@@ -370,12 +371,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
     params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    pruner = None
-    if get_method(cfg.method).dynamic_rank:
-        pruner = DyRankPruner(
-            layers, total, cfg.rank, warmup_ratio=cfg.dyrank_warmup_ratio, final_ratio=cfg.dyrank_final_ratio,
-            interval=cfg.dyrank_interval, beta=cfg.dyrank_beta,
-        )
+    proc = cfg.options().procedure(layers, total, cfg.rank)  # the method's own step, if any
     frozen_before = {
         n: {k: t.detach().clone() for k, t in layer.native_tensors().items() if k in _frozen_names(layer)}
         for n, layer in layers.items()
@@ -393,9 +389,8 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
         b = {k: v.to(device) for k, v in collate(batch, pad).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = causal_lm_loss(logits, b["labels"])
-        total_loss = loss
-        if pruner is not None and cfg.dyrank_reg and pruner.reg_active(step):
-            total_loss = loss + cfg.dyrank_reg * pruner.regularizer()
+        extra = proc.loss(step) if proc is not None else None
+        total_loss = loss if extra is None else loss + extra
         if not torch.isfinite(total_loss):
             raise FloatingPointError(f"loss is {total_loss.item()} at step {step + 1}; lower --lr")
         total_loss.backward()
@@ -405,8 +400,8 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
         opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()
-        if pruner is not None:
-            pruner.after_step(step)
+        if proc is not None:
+            proc.on_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -417,8 +412,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
         bar.update(1)
         bar.set_postfix(loss=f"{log['loss'][-1]:.4f}")
     bar.close()
-    if pruner is not None:
-        pruner.finish()
+    saved = proc.finish() if proc is not None else {}
     model.eval()
 
     for n, layer in layers.items():  # the frozen factors must not have moved
@@ -427,8 +421,7 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
             if not torch.equal(now[k], t):
                 raise RuntimeError(f"{n}.{k} is frozen but changed during training")
 
-    rank_pattern = pruner.rank_pattern() if pruner is not None else None
-    adapter = native_adapter(cfg, layers, info, rank_pattern)
+    adapter = native_adapter(cfg, layers, info, saved)
     log.update(
         trainable_params=count_trainable(layers),
         modules=len(layers),
@@ -441,9 +434,8 @@ def train(cfg: TrainConfig, examples: list[Example] | None = None) -> TrainResul
     )
     if info.get("basis") is not None:
         log["basis"] = info["basis"].log()
-    if pruner is not None:
-        log["dyrank"] = {"r0": pruner.r0, "target_r": cfg.rank, "prune_history": pruner.history,
-                         "rank_pattern": rank_pattern}
+    if proc is not None:
+        log.update(proc.log())
     out = None
     if cfg.out is not None:
         out = save(cfg.out, adapter, log, overwrite=cfg.overwrite, plot=plot)
