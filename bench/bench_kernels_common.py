@@ -1,5 +1,6 @@
 """Shared pieces of the kernel benchmarks: Llama-3-8B layer shapes, adapter batches,
-byte counts, the variants timed on both devices, adapter storage and the table printer."""
+byte counts, the base GEMMs, the segment kernels' variants (GPU), adapter storage and the
+table printer."""
 
 from __future__ import annotations
 
@@ -85,14 +86,20 @@ def layer_bytes(T, groups, act_ranks, eb) -> tuple[float, float, float, float]:
     )
 
 
-def nora_variants(layers, meta, ranks) -> dict:
-    """The base GEMMs, our fused LoRA op and the shared-basis op over `layers` (tuples
-    d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y), as closures to time; the same on
-    CPU and GPU, only vLLM's ops (the other variant) differ."""
+def base_gemms(layers):
+    """The base GEMMs over `layers` (tuples d_in, d_outs, x, w, ..., y), a closure to time."""
 
     def base():
         for _, _, x, w, *_r, y in layers:
             torch.mm(x, w.t(), out=y)
+
+    return base
+
+
+def nora_variants(layers, meta, ranks) -> dict:
+    """The base GEMMs, our fused LoRA op and the shared-basis op of the segment (Triton)
+    kernels over `layers` (tuples d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y), as
+    closures to time (the GPU benchmark; the CPU one times the server's ``cpu_step``)."""
 
     def ours():
         for d_in, d_outs, x, w, a, b, *_r, y in layers:
@@ -106,7 +113,7 @@ def nora_variants(layers, meta, ranks) -> dict:
                 shared_basis_linear(y, x, a_sh[s], b_sh[s], flat, offs, rk, meta, 1.0, off)
                 off += n
 
-    return {"base": base, "ours": ours, "shared": shared}
+    return {"base": base_gemms(layers), "ours": ours, "shared": shared}
 
 
 def storage_table(eb: int = 2) -> list[str]:

@@ -1,13 +1,16 @@
 """Layer-level decode benchmark on the CPU: base GEMMs vs vLLM's CPU LoRA ops
 (vllm.lora.ops.torch_ops, called the way PunicaWrapperCPU calls them in decode)
-vs nora_serve.kernels' CPU path (rank-aware, and shared-basis).
+vs the CPU server's path, ``nora_serve.kernels.cpu_step``, called as the nora CPU wrapper calls
+it for a layer with shared-basis storage: every slot's slices packed up to its rank, one step
+route, then ``stacked_lora_linear`` (while the stack is narrow) or ``packed_lora_linear``
+(ours), and ``packed_shared_basis_linear`` (shared, every row its own core).
 
     python bench/bench_kernels_cpu.py            # reduced sweep, a couple of minutes on 2 cores
     python bench/bench_kernels_cpu.py --full     # all seven projections, batch 1..256, 1..1024 adapters
 
 Times are medians of --reps calls, adapter ops timed apart from the base GEMMs
-(overhead = adapter time / base time). The token->slot map and segment tables
-are built once per step in serving, so they are timed once, apart.
+(overhead = adapter time / base time). The token->slot map and its route are built once per
+step in serving, so they are timed once, apart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels_common as C  # noqa: E402
 
-from nora_serve.kernels import build_segment_meta, lora_linear, pack_cores  # noqa: E402
+from nora_serve.kernels import cpu_step  # noqa: E402
 
 
 def _timer(fn):
@@ -59,8 +62,40 @@ def check_outputs_agree(dtype) -> float:
     bgmv_shrink(x, a, buf, slot.long(), 1.0)
     bgmv_expand_slice(buf, b, y_v, slot.long(), 0, d_out, True)
     y_o = torch.zeros(T, d_out, dtype=dtype)
-    lora_linear(y_o, x, [a], [b], build_segment_meta(slot, L), ranks)
+    cpu_step.lora_linear(y_o, x, [a], [b], cpu_step.build_route(slot), [ranks.tolist()])
     return ((y_o.float() - y_v.float()).abs().max() / y_v.float().abs().max()).item()
+
+
+def server_variants(layers, slot: torch.Tensor, ranks_l: list[int]) -> dict:
+    """The base GEMMs, and the CPU server's dense and shared-basis ops over ``layers`` (tuples
+    d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y), as closures to time; weights packed as
+    ``layers.py`` packs them (only the slots the batch uses: the others are not read)."""
+    route = cpu_step.build_route(slot)
+    table = slot.long()
+    used = set(route.slots)
+    prepared = []
+    for d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y in layers:
+        packed = [cpu_step.pack_slices([t[s, 0, :r] for t in a], [t[s, 0, :, :r] for t in b], d_outs)
+                  if s in used else None for s, r in enumerate(ranks_l)]
+        stack = cpu_step.stack_packed(packed)
+        if route.mode != cpu_step.SEG or stack.width > cpu_step.STACK_MAX_COLUMNS:
+            stack = None  # the wrapper's choice (punica_cpu.nora_linear)
+        basis = cpu_step.pack_slices(a_sh, b_sh, d_outs)
+        prepared.append((x, y, packed, stack, basis, cores))
+    core_idx = None if route.mode == cpu_step.ALL else table  # every row has an adapter here
+
+    def ours():
+        for x, y, packed, stack, *_ in prepared:
+            if stack is not None:
+                cpu_step.stacked_lora_linear(y, x, stack, table)
+            else:
+                cpu_step.packed_lora_linear(y, x, packed, route)
+
+    def shared():
+        for x, y, _p, _s, basis, cores in prepared:
+            cpu_step.packed_shared_basis_linear(y, x, basis, cores, core_idx, None, route.slot)
+
+    return {"base": C.base_gemms(layers), "ours": ours, "shared": shared}
 
 
 def run_case(case: C.Case, groups, dtype, reps, peak_bw):
@@ -70,11 +105,9 @@ def run_case(case: C.Case, groups, dtype, reps, peak_bw):
     T, L = case.batch, case.n_adapters
     g = torch.Generator().manual_seed(T * 7919 + L)
     ranks_l = case.ranks()
-    ranks = torch.tensor(ranks_l, dtype=torch.int32)
     slot = case.token_slots()
     idx = slot.long()
     act = C.active_ranks(case)
-    meta = build_segment_meta(slot, L)
 
     layers = []
     for name, d_in, d_outs in groups:
@@ -82,13 +115,24 @@ def run_case(case: C.Case, groups, dtype, reps, peak_bw):
         w = (torch.randn(sum(d_outs), d_in, generator=g) / d_in**0.5).to(dtype)
         a = [(torch.randn(L, 1, C.MAX_RANK, d_in, generator=g) / d_in**0.5).to(dtype) for _ in d_outs]
         b = [(torch.randn(L, 1, n, C.MAX_RANK, generator=g) / 8).to(dtype) for n in d_outs]
+        for i, r in enumerate(ranks_l):  # vLLM stores a rank-r adapter zero-padded
+            for t in a:
+                t[i, :, r:] = 0
+            for t in b:
+                t[i, :, :, r:] = 0
         a_sh = [(torch.randn(C.MAX_RANK, d_in, generator=g) / d_in**0.5).to(dtype) for _ in d_outs]
         b_sh = [(torch.randn(n, C.MAX_RANK, generator=g) / 8).to(dtype) for n in d_outs]
-        cores = [pack_cores([torch.randn(r, r, generator=g).to(dtype) for r in ranks_l]) for _ in d_outs]
+        # Each slot's r x r core zero-padded to the basis rank, as a layer stores it: [L, R, R].
+        cores = []
+        for _ in d_outs:
+            c = torch.zeros(L, C.MAX_RANK, C.MAX_RANK, dtype=dtype)
+            for i, r in enumerate(ranks_l):
+                c[i, :r, :r] = torch.randn(r, r, generator=g).to(dtype) / r**0.5
+            cores.append(c)
         y = torch.zeros(T, sum(d_outs), dtype=dtype)
         layers.append((d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y))
 
-    fns = C.nora_variants(layers, meta, ranks)
+    fns = server_variants(layers, slot, ranks_l)
 
     def vllm_lora():  # PunicaWrapperCPU.add_lora_linear, decode path
         for d_in, d_outs, x, w, a, b, *_r, y in layers:
@@ -131,8 +175,8 @@ def main(argv=None):
     print(f"# vLLM CPU ops vs ours on one batch: max rel diff {check_outputs_agree(dtype):.2e}")
     T = max(batches)
     slot = C.Case(T, max(adapters), "mixed").token_slots()
-    t_meta = C.median_time(lambda: build_segment_meta(slot, max(adapters)), reps, 1, _timer)
-    print(f"# segment tables for {T} tokens / {max(adapters)} slots: {t_meta * 1e3:.3f} ms (once per step)")
+    t_meta = C.median_time(lambda: cpu_step.build_route(slot), reps, 1, _timer)
+    print(f"# step route for {T} tokens / {max(adapters)} slots: {t_meta * 1e3:.3f} ms (once per step)")
     print()
     print(C.HEADER)
     print(C.SEP)

@@ -13,12 +13,13 @@ Public API (all ops add into / write caller-owned tensors, vLLM punica style):
     core_gather(h, cores_flat, core_offsets, ranks, g, meta, scale)
     pack_cores(cores) -> (cores_flat, core_offsets, ranks)
 
-CPU tensors run the segment-GEMM CPU path, CUDA tensors the Triton kernels (also
-CPU tensors when TRITON_INTERPRET=1). The ops are registered as torch.ops.nora.*.
+These run the Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (the
+tests); the ops are registered as torch.ops.nora.*. ``reference``: the per-token PyTorch
+reference both paths are tested against.
 
-``cpu_step``: the CPU serving path, a route per step (``build_route``) and the layer ops that
-read it (``lora_linear``, slice-packed ``packed_lora_linear`` / ``stacked_lora_linear`` /
-``packed_shared_basis_linear``), used by the plugin's CPU punica wrapper.
+``cpu_step``: the one CPU path, the server's: a route per step (``build_route``) and the layer
+ops that read it (``lora_linear``, slice-packed ``packed_lora_linear`` / ``stacked_lora_linear``
+/ ``packed_shared_basis_linear``), used by the plugin's CPU punica wrapper.
 """
 
 from .metadata import (

@@ -72,11 +72,13 @@ def build_route(table: torch.Tensor) -> Route:
     return Route(SEG, n, idx=order[:used].contiguous(), segments=tuple(segments))
 
 
-def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t where the CPU does it well (fp16 and mixed dtypes in fp32)."""
+def _mm_args(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operands of ``a @ b_t`` in dtypes the CPU multiplies well (fp16 and mixed dtypes in
+    fp32). The ops call ``torch.mm(*_mm_args(a, b_t))`` themselves: a layer's first GEMM is
+    three Python calls from vLLM's layer (``tests/test_punica_cpu.py`` counts them)."""
     if a.dtype == torch.float16 or b_t.dtype == torch.float16 or a.dtype != b_t.dtype:
-        return a.float() @ b_t.float()
-    return a @ b_t
+        return a.float(), b_t.float()
+    return a, b_t
 
 
 def _add_mm(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
@@ -84,12 +86,11 @@ def _add_mm(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
     if out.dtype == a.dtype == b_t.dtype and out.dtype != torch.float16:
         out.addmm_(a, b_t)
     else:
-        out += _mm(a.to(b_t.dtype) if a.dtype != b_t.dtype else a, b_t).to(out.dtype)
+        out += torch.mm(*_mm_args(a.to(b_t.dtype) if a.dtype != b_t.dtype else a, b_t)).to(out.dtype)
 
 
-def _pair(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-    """out += scale * (x a^T) b^T: one adapter's shrink and expand."""
-    h = _mm(x, a.t())
+def _expand(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """out += scale * h b^T: an adapter's expand, after its shrink ``h = x a^T``."""
     if scale != 1.0:
         h.mul_(scale)
     _add_mm(out, h, b.t())
@@ -118,13 +119,15 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
         if route.mode == ALL:
             r = min(rk[route.slot], wa.shape[1])
             if r > 0:
-                _pair(y[:, off:off + n_out], x, wa[route.slot, :r], wb[route.slot, :, :r], scale)
+                a = wa[route.slot, :r]
+                _expand(y[:, off:off + n_out], torch.mm(*_mm_args(x, a.t())), wb[route.slot, :, :r], scale)
         else:
             res = torch.zeros(xs.shape[0], n_out, dtype=y.dtype)
             for slot, b, n in route.segments:
                 r = min(rk[slot], wa.shape[1])
                 if r > 0:
-                    _pair(res[b:b + n], xs[b:b + n], wa[slot, :r], wb[slot, :, :r], scale)
+                    h = torch.mm(*_mm_args(xs[b:b + n], wa[slot, :r].t()))
+                    _expand(res[b:b + n], h, wb[slot, :, :r], scale)
             y[:, off:off + n_out].index_add_(0, route.idx, res)
         off += n_out
 
@@ -160,14 +163,14 @@ def packed_lora_linear(y: torch.Tensor, x: torch.Tensor, packed: Sequence, route
     if route.mode == ALL:
         p = packed[route.slot]
         if p is not None:
-            _pair(y, x, p[0], p[1], scale)
+            _expand(y, torch.mm(*_mm_args(x, p[0].t())), p[1], scale)
         return
     xs = x.index_select(0, route.idx)
     res = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype)
     for slot, b, n in route.segments:
         p = packed[slot]
         if p is not None:
-            _pair(res[b:b + n], xs[b:b + n], p[0], p[1], scale)
+            _expand(res[b:b + n], torch.mm(*_mm_args(xs[b:b + n], p[0].t())), p[1], scale)
     y.index_add_(0, route.idx, res)
 
 
@@ -208,7 +211,7 @@ def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: t
     slot, -1: none). Costs ``stack.width / rank`` times the FLOPs of one adapter, in 2 calls
     instead of 2 per slot: cheaper on the CPU while the stack is narrow. The weights must be
     finite (a kept column is multiplied by zeros of the others only)."""
-    h = _mm(x, stack.a_all.t())
+    h = torch.mm(*_mm_args(x, stack.a_all.t()))
     safe = table.clamp(min=0)
     lo = torch.where(table >= 0, stack.start[safe], 0).unsqueeze(1)
     hi = torch.where(table >= 0, stack.end[safe], 0).unsqueeze(1)
@@ -223,7 +226,7 @@ def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: 
     """:func:`shared_basis_linear` for all slices of a layer at once: the basis slice-packed
     (``packed`` = (a_cat, b_bd, ranks) of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i]."""
     a_cat, b_bd, ranks = packed
-    h = _mm(x, a_cat.t())
+    h = torch.mm(*_mm_args(x, a_cat.t()))
     g = torch.empty(h.shape, dtype=torch.float32 if core_idx is not None else h.dtype)
     col = 0
     for i, r in enumerate(ranks):
@@ -231,7 +234,7 @@ def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: 
             continue
         hi = h[:, col:col + r]
         if core_idx is None:
-            g[:, col:col + r] = _mm(hi, cores[i][slot].t())
+            g[:, col:col + r] = torch.mm(*_mm_args(hi, cores[i][slot].t()))
         else:
             c = cores[i].index_select(0, core_idx)  # [T, r, r]: kilobytes
             g[:, col:col + r] = torch.bmm(c.float(), hi.float().unsqueeze(-1)).squeeze(-1)

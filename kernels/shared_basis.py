@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_ops
 from .metadata import SegmentMeta
-from .triton_ops import _interpreting, core_gather, lora_expand, lora_shrink
+from .triton_ops import core_gather, lora_expand, lora_shrink
 
 
 def pack_cores(
@@ -56,10 +55,6 @@ def pack_cores(
     )
 
 
-def _gpu_like(t: torch.Tensor) -> bool:
-    return t.device.type != "cpu" or _interpreting()
-
-
 def shared_basis_linear(
     y: torch.Tensor, x: torch.Tensor, a_shared: torch.Tensor, b_shared: torch.Tensor,
     cores_flat: torch.Tensor, core_offsets: torch.Tensor, ranks: torch.Tensor,
@@ -71,10 +66,6 @@ def shared_basis_linear(
     by `pack_cores`; `meta.token_slot` = slot of each token's core, -1 for tokens
     that do not use this basis (their rows of y are not changed).
     """
-    if not _gpu_like(x):
-        cpu_ops.shared_basis_linear_cpu(y, x, a_shared, b_shared, cores_flat, core_offsets, ranks,
-                                        meta, scale, y_offset)
-        return
     # GPU: dense over all tokens (static shapes, no sync); idle tokens get g = 0.
     h = x @ a_shared.t()
     g = torch.empty(x.shape[0], a_shared.shape[0], dtype=torch.float32, device=x.device)
@@ -93,10 +84,6 @@ def shared_basis_inner_linear(
     [L, (1,) max_r', R], inner_b = B_i stacked [L, (1,) R, max_r']; ranks = r' per slot.
     The inner pair runs through the rank-aware shrink/expand in the R-dim space.
     """
-    if not _gpu_like(x):
-        cpu_ops.shared_basis_inner_linear_cpu(y, x, a_shared, b_shared, inner_a, inner_b, ranks,
-                                              meta, scale, y_offset)
-        return
     T, R = x.shape[0], a_shared.shape[0]
     h = x @ a_shared.t()
     max_r = inner_a.shape[-2]

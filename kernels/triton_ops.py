@@ -1,10 +1,10 @@
-"""Triton kernels (GPU) and the `nora::*` custom ops that dispatch to them or to the CPU path.
+"""Triton kernels (GPU) and the `nora::*` custom ops that launch them.
 
-Triton is imported lazily, on the first GPU (or interpreted) launch, so the
-CPU path works without it. Every launch takes its grid from tensor shapes only
-(number of row tiles, rank/out blocks), reads the slot, the rank and the token
-rows from device tensors, and never syncs with the host: safe under CUDA graph
-capture. Idle tiles (slot -1) and blocks past a slot's rank return at once.
+Triton is imported lazily, on the first GPU (or interpreted) launch. The CPU server
+does not come here: it runs ``cpu_step`` (its own route per step, no segment tables).
+Every launch takes its grid from tensor shapes only (number of row tiles, rank/out
+blocks), reads the slot, the rank and the token rows from device tensors, and never
+syncs with the host: safe under CUDA graph capture. Idle tiles (slot -1) and blocks past a slot's rank return at once.
 
 Under TRITON_INTERPRET=1 (CPU tensors) the kernels run in numpy, which gets
 bf16 `tl.dot` wrong; there the operands are upcast to fp32 (DOT_F32).
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_ops
 from .metadata import SegmentMeta
 from .reference import as_3d
 
@@ -38,6 +37,11 @@ def _interpreting() -> bool:
 
 def _dot_f32(*tensors: torch.Tensor) -> bool:
     return _interpreting() and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def slice_ranks(ranks: torch.Tensor, s: int) -> torch.Tensor:
+    """ranks is [max_loras] (all slices alike) or [num_slices, max_loras]."""
+    return ranks[s] if ranks.dim() == 2 else ranks
 
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
@@ -243,7 +247,7 @@ def shrink_triton(x, lora_a, out, sorted_tokens, tile_slot, tile_start, tile_len
         o = out[s]
         grid = (n_tiles, _cdiv(R, SHRINK_BLOCK_N))
         shrink_kernel[grid](
-            x, w, o, sorted_tokens, tile_slot, tile_start, tile_len, cpu_ops.slice_ranks(ranks, s),
+            x, w, o, sorted_tokens, tile_slot, tile_start, tile_len, slice_ranks(ranks, s),
             float(scale), K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), o.stride(0), o.stride(1),
             BLOCK_M=block_m, BLOCK_N=SHRINK_BLOCK_N, BLOCK_K=SHRINK_BLOCK_K,
@@ -264,7 +268,7 @@ def expand_triton(inp, lora_b, y, sorted_tokens, tile_slot, tile_start, tile_len
         i = inp[s]
         grid = (n_tiles, _cdiv(N, EXPAND_BLOCK_N))
         expand_kernel[grid](
-            i, w, y, sorted_tokens, tile_slot, tile_start, tile_len, cpu_ops.slice_ranks(ranks, s),
+            i, w, y, sorted_tokens, tile_slot, tile_start, tile_len, slice_ranks(ranks, s),
             N, off,
             i.stride(0), i.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=EXPAND_BLOCK_K,
@@ -288,7 +292,7 @@ def linear_triton(y, x, lora_a, lora_b, sorted_tokens, tile_slot, tile_start, ti
         split = max(1, min(n_blocks, FUSED_TARGET_PROGRAMS // n_tiles))
         fused_kernel[(n_tiles, split)](
             x, wa, wb, y, sorted_tokens, tile_slot, tile_start, tile_len,
-            cpu_ops.slice_ranks(ranks, s), float(scale), K, N,
+            slice_ranks(ranks, s), float(scale), K, N,
             off, x.stride(0), x.stride(1), wa.stride(0), wa.stride(1), wa.stride(2),
             wb.stride(0), wb.stride(1), wb.stride(2), y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_R=_pow2_at_least(R), BLOCK_K=FUSED_BLOCK_K,
@@ -311,15 +315,17 @@ def core_gather_triton(h, cores_flat, core_offsets, ranks, g, sorted_tokens, til
     )
 
 
-# ---- custom ops: one schema, CPU -> segment GEMMs, anything else -> Triton ----------------
+# ---- custom ops: one schema each, launching the Triton kernels ------------------------------
 # The meta tensors are passed one by one so that the ops are plain tensor ops for
 # torch.compile / CUDA graphs; `block_m` must be the one the meta was built with.
 
 Tensor = torch.Tensor
 
 
-def _use_cpu_path(t: Tensor) -> bool:
-    return t.device.type == "cpu" and not _interpreting()
+def _check_device(t: Tensor) -> None:
+    if t.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("nora: the segment kernels run on CUDA (or CPU tensors under "
+                           "TRITON_INTERPRET=1); the CPU path is nora_serve.kernels.cpu_step")
 
 
 @torch.library.custom_op("nora::lora_shrink", mutates_args=("out",))
@@ -328,11 +334,9 @@ def _lora_shrink_op(
     seg_start: Tensor, seg_len: Tensor, tile_slot: Tensor, tile_start: Tensor, tile_len: Tensor,
     ranks: Tensor, scale: float, block_m: int,
 ) -> None:
-    if _use_cpu_path(x):
-        cpu_ops.shrink_impl(x, lora_a, out, sorted_tokens, seg_slot, seg_start, seg_len, ranks, scale)
-    else:
-        shrink_triton(x, lora_a, out, sorted_tokens, tile_slot, tile_start, tile_len, ranks, scale,
-                      block_m)
+    _check_device(x)
+    shrink_triton(x, lora_a, out, sorted_tokens, tile_slot, tile_start, tile_len, ranks, scale,
+                  block_m)
 
 
 @torch.library.custom_op("nora::lora_expand", mutates_args=("y",))
@@ -341,12 +345,9 @@ def _lora_expand_op(
     seg_start: Tensor, seg_len: Tensor, tile_slot: Tensor, tile_start: Tensor, tile_len: Tensor,
     ranks: Tensor, offset_start: int, add_inputs: bool, block_m: int,
 ) -> None:
-    if _use_cpu_path(inp):
-        cpu_ops.expand_impl(inp, lora_b, y, sorted_tokens, seg_slot, seg_start, seg_len, ranks,
-                            offset_start, add_inputs)
-    else:
-        expand_triton(inp, lora_b, y, sorted_tokens, tile_slot, tile_start, tile_len, ranks,
-                      offset_start, add_inputs, block_m)
+    _check_device(inp)
+    expand_triton(inp, lora_b, y, sorted_tokens, tile_slot, tile_start, tile_len, ranks,
+                  offset_start, add_inputs, block_m)
 
 
 @torch.library.custom_op("nora::lora_linear", mutates_args=("y",))
@@ -355,12 +356,9 @@ def _lora_linear_op(
     seg_slot: Tensor, seg_start: Tensor, seg_len: Tensor, tile_slot: Tensor, tile_start: Tensor,
     tile_len: Tensor, ranks: Tensor, scale: float, offset_start: int, block_m: int,
 ) -> None:
-    if _use_cpu_path(x):
-        cpu_ops.linear_impl(y, x, lora_a, lora_b, sorted_tokens, seg_slot, seg_start, seg_len,
-                            ranks, scale, offset_start)
-    else:
-        linear_triton(y, x, lora_a, lora_b, sorted_tokens, tile_slot, tile_start, tile_len, ranks,
-                      scale, offset_start, block_m)
+    _check_device(x)
+    linear_triton(y, x, lora_a, lora_b, sorted_tokens, tile_slot, tile_start, tile_len, ranks,
+                  scale, offset_start, block_m)
 
 
 @torch.library.custom_op("nora::core_gather", mutates_args=("g",))
@@ -369,12 +367,9 @@ def _core_gather_op(
     sorted_tokens: Tensor, seg_slot: Tensor, seg_start: Tensor, seg_len: Tensor,
     tile_slot: Tensor, tile_start: Tensor, tile_len: Tensor, scale: float, block_m: int,
 ) -> None:
-    if _use_cpu_path(h):
-        cpu_ops.core_gather_impl(h, cores_flat, core_offsets, ranks, g, sorted_tokens, seg_slot,
-                                 seg_start, seg_len, scale)
-    else:
-        core_gather_triton(h, cores_flat, core_offsets, ranks, g, sorted_tokens, tile_slot,
-                           tile_start, tile_len, scale, block_m)
+    _check_device(h)
+    core_gather_triton(h, cores_flat, core_offsets, ranks, g, sorted_tokens, tile_slot,
+                       tile_start, tile_len, scale, block_m)
 
 
 # Mutation-only ops: nothing to allocate under fake tensors / torch.compile tracing.

@@ -305,3 +305,42 @@ def test_gpu_path_has_no_host_sync():
         shared_basis_linear(y, x, a_sh, b_sh, flat, offs, crk, meta)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@kernels
+def test_expand_without_add_inputs_overwrites_adapter_rows_only():
+    from nora_serve.kernels import build_segment_meta, lora_expand
+    from nora_serve.kernels import reference as ref
+
+    L = 4
+    slot, x, a, b, ranks = _case(16, L, 16, 64, [32], [3, 16, 0, 5], torch.float32, seed=3)
+    meta = build_segment_meta(slot, L)
+    buf = ref.ref_lora_shrink(x.cpu(), [w.cpu() for w in a], slot.cpu(), ranks.cpu()).to(DEV)
+    y0 = torch.randn(16, 32).to(DEV)
+    y = y0.clone()
+    lora_expand(buf, b, y, meta, ranks, add_inputs=False)
+    want = ref.ref_lora_expand(buf.cpu(), [w.cpu() for w in b], y0.cpu(), slot.cpu(), ranks.cpu(), 0, False)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@kernels
+def test_custom_ops_registered_and_pass_opcheck():
+    from nora_serve.kernels import build_segment_meta
+    from nora_serve.kernels.triton_ops import meta_args
+
+    assert hasattr(torch.ops.nora, "lora_shrink") and hasattr(torch.ops.nora, "lora_linear")
+    L = 3
+    slot, x, a, b, ranks = _case(6, L, 8, 32, [16], [2, 8, 0], torch.float32, seed=2)
+    meta = build_segment_meta(slot, L)
+    buf = torch.zeros(1, 6, 8, device=DEV)
+    torch.library.opcheck(
+        torch.ops.nora.lora_shrink,
+        (x, a, buf, *meta_args(meta), ranks, 1.0, meta.block_m),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    y = torch.zeros(6, 16, device=DEV)
+    torch.library.opcheck(
+        torch.ops.nora.lora_linear,
+        (y, x, a, b, *meta_args(meta), ranks, 1.0, 0, meta.block_m),
+        test_utils=("test_schema", "test_faketensor"),
+    )

@@ -45,33 +45,201 @@ def test_logits_lora_only_where_a_slot_has_weights(route_mode):
     assert not w._any_live(b, [0]) and w._any_live(b, [1])
 
 
+def _packed(lay):
+    """Slice-pack ``lay``'s dense slots and bases as ``layers.py`` does on the CPU (the server's
+    path); the per-slice tensors stay as they are."""
+    import nora_layer_cases as cases
+
+    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
+
+    lay.nora_cpu = True
+    lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
+                                         [b[d, 0] for b in lay.lora_b_stacked], cases.SLICES)
+                             for d in range(2)]
+    lay.nora_packed_basis = [pack_slices([a[g] for a in lay.nora_basis_a],
+                                         [b[g] for b in lay.nora_basis_b], cases.SLICES)
+                             for g in range(2)]
+    lay.nora_dense_finite = [True, True]
+    stack = stack_packed(lay.nora_packed_dense)
+    lay.nora_dense_stack = lambda: stack
+    return lay
+
+
+def _layer_case():
+    """(wrapper, layer weights registered for the compiled graph's op, a layer forward as vLLM
+    calls it: our shared-basis layer's ``_apply_lora_to_output`` on a stand-in layer)."""
+    from types import SimpleNamespace
+
+    import nora_layer_cases as cases
+
+    from nora_serve.vllm_plugin import opaque
+    from nora_serve.vllm_plugin.layers import SharedBasisLayerMixin
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    lay, plan, want = cases.build()
+    w = NoraPunicaWrapperCPU(64, 16, "cpu")
+    lw = cases.weights(_packed(lay))
+    lw.key = opaque.register(lw)  # as layers.py registers its LayerWeights
+    layer = SimpleNamespace(punica_wrapper=w, nora=lw)
+
+    def layer_forward(x):
+        y = torch.zeros(x.shape[0], sum(cases.SLICES))
+        return SharedBasisLayerMixin._apply_lora_to_output(layer, x, y) * 1.0
+
+    return w, lw, want, layer_forward
+
+
+def _map(w, mapping):
+    import nora_layer_cases as cases
+    from vllm.lora.layers import LoRAMapping
+
+    w.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False), cases.SLOT_IDS,
+                      cases.MAX_LORAS, 100)
+
+
 def test_compiled_graph_reads_each_steps_routes():
     """torch.compile(fullgraph=True) of a layer call: the graph holds the opaque op, and one
     compiled function serves two steps with different adapters exactly as eager does."""
     import nora_layer_cases as cases
-    from vllm.lora.layers import LoRAMapping
 
-    from nora_serve.vllm_plugin import opaque  # noqa: F401  (registers torch.ops.nora.cpu_lora)
-    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
-
-    lay, plan, want = cases.build()
-    lay = type("Layer", (type(lay),), {})(**vars(lay))  # weak-referencable, as a real layer
-    lay._nora_key = opaque.register(lay)
-    w = NoraPunicaWrapperCPU(64, 16, "cpu")
-    lw = cases.weights(lay)
-    lay.nora_eager = lambda call, y, x, weights, scale, sizes: w.nora_linear_eager(y, x, lw)
+    w, lw, want, layer_forward = _layer_case()
     rows = len(cases.MAPPING)
     x = torch.randn(rows, cases.D_IN, generator=torch.Generator().manual_seed(3))
+    graphs = []
 
-    def layer_forward(x):
-        y = torch.zeros(x.shape[0], sum(cases.SLICES))
-        w.add_nora_linear(y, x, lw)
-        return y * 1.0
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
 
-    compiled = torch.compile(layer_forward, fullgraph=True, dynamic=True)
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(layer_forward, fullgraph=True, dynamic=True, backend=backend)
     for mapping in (cases.MAPPING, tuple(reversed(cases.MAPPING))):
-        w.update_metadata(LoRAMapping(mapping, mapping, is_prefill=True), cases.SLOT_IDS,
-                          cases.MAX_LORAS, 100)
+        _map(w, mapping)
         eager = layer_forward(x)
         torch.testing.assert_close(compiled(x), eager)
         assert eager.abs().sum() > 0
+        if mapping == cases.MAPPING:
+            torch.testing.assert_close(eager.double(), cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("nora.cpu_nora_linear" in t for t in targets), targets
+    assert not any("mm" in t.split(".")[-2:][0] for t in targets), targets  # no GEMM traced in
+
+
+# -- how deep the forward is: vLLM's layer -> the first GEMM of the adapter ---------------------
+GEMMS = {"mm", "addmm", "addmm_", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "linear"}
+REPO = str(Path(__file__).resolve().parents[1])
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def _calls_to_first_gemm(fn, *args) -> tuple[int, list[str]]:
+    """Run ``fn(*args)`` under ``sys.setprofile``; at the first GEMM (a torch builtin), the
+    plugin's Python calls on the stack between the layer and it: frames of this repository
+    (not tests), counted up from the one that calls the GEMM until the layer method
+    (``_apply_lora_to_output``, ours or vLLM's) or code that is not ours (vLLM's layer, or a
+    compiled graph and torch's op dispatch). Returns (count, their names)."""
+    found: list = []
+
+    def profile(frame, event, arg):
+        if found or event != "c_call" or getattr(arg, "__name__", "") not in GEMMS:
+            return
+        chain = []
+        f = frame
+        while f is not None:
+            path = f.f_code.co_filename
+            if f.f_code.co_name == "_apply_lora_to_output":
+                break
+            if "/torch/" in path:  # torch's own Python (Tensor.__matmul__, op dispatch)
+                if chain:
+                    break
+                f = f.f_back
+                continue
+            if not path.startswith(REPO) or path.startswith(TESTS) or "/.venv/" in path:
+                break
+            chain.append(f"{Path(path).name}:{f.f_code.co_name}")
+            f = f.f_back
+        found.append(chain[::-1])
+
+    sys.setprofile(profile)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    assert found, "no GEMM ran"
+    return len(found[0]), found[0]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("step", ["mixed", "one-dense", "one-basis"])
+def test_decode_step_reaches_first_gemm_in_three_calls(compiled, step):
+    """A decode step of a shared-basis layer (slice-packed weights, as the CPU server holds
+    them): at most three Python calls from vLLM's layer method to the adapter's first GEMM, in
+    eager mode (layer -> wrapper's add_nora_linear -> punica_cpu.nora_linear -> cpu_step op)
+    and compiled (graph -> the op's function -> cpu_step op)."""
+    import nora_layer_cases as cases
+
+    w, lw, want, layer_forward = _layer_case()
+    mapping = {"mixed": cases.MAPPING, "one-dense": (11,) * 4, "one-basis": (12,) * 4}[step]
+    x = torch.randn(len(mapping), cases.D_IN, generator=torch.Generator().manual_seed(4))
+    _map(w, mapping)
+    fn = layer_forward
+    if compiled:
+        fn = torch.compile(layer_forward, fullgraph=True, dynamic=True)
+        fn(x)  # trace and compile outside the measurement
+    n, chain = _calls_to_first_gemm(fn, x)
+    assert n <= 3, chain
+    assert chain[0] == ("punica_cpu.py:nora_linear" if compiled else "punica_cpu.py:add_nora_linear")
+    assert chain[-1].startswith("cpu_step.py:"), chain
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stock_layer_reaches_first_gemm_in_three_calls(compiled):
+    """vLLM's own ``_apply_lora_to_output`` (a stock linear LoRA layer) on the nora CPU wrapper:
+    layer -> add_lora_linear -> punica_cpu.lora_linear -> cpu_step.lora_linear -> GEMM."""
+    from types import SimpleNamespace
+
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(5)
+    slices = (24, 16)
+    layer = SimpleNamespace(
+        punica_wrapper=NoraPunicaWrapperCPU(64, 16, "cpu"), output_slices=slices,
+        lora_a_stacked=tuple(torch.randn(4, 1, 8, 32, generator=g) for _ in slices),
+        lora_b_stacked=tuple(torch.randn(4, 1, n, 8, generator=g) for n in slices))
+    mapping = (7, 0, 9, 7)
+    layer.punica_wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False),
+                                         [None, 7, None, 9], 4, 100)
+
+    def layer_forward(x):
+        y = torch.zeros(x.shape[0], sum(slices))
+        return BaseLinearLayerWithLoRA._apply_lora_to_output(layer, x, y) * 1.0
+
+    x = torch.randn(len(mapping), 32, generator=g)
+    fn = layer_forward
+    if compiled:
+        fn = torch.compile(layer_forward, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(fn(x), layer_forward(x))
+    n, chain = _calls_to_first_gemm(fn, x)
+    assert n <= 3, chain
+    assert chain[-1] == "cpu_step.py:lora_linear", chain
+
+
+def test_both_wrappers_implement_the_plugins_ops():
+    """One interface (punica_base.NoraPunicaOps), each backend's wrapper defining every op."""
+    from nora_serve.vllm_plugin.punica_base import NoraPunicaOps
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    classes = [NoraPunicaWrapperCPU]
+    try:
+        from nora_serve.vllm_plugin.punica_gpu import NoraPunicaWrapperGPU
+
+        classes.append(NoraPunicaWrapperGPU)
+    except Exception:  # vLLM's GPU wrapper does not import everywhere (test_punica_gpu.py)
+        pass
+    for cls in classes:
+        assert issubclass(cls, NoraPunicaOps) and not cls.__abstractmethods__, cls
+        assert {"add_lora_linear", "add_nora_linear"} <= set(vars(cls)), cls

@@ -7,12 +7,12 @@ LoRA layers, whose stacked LoRA weights cover only the ``K`` dense slots, plus p
     nora_core_ranks  [n_slices, max_loras] int32, 0 = no core in this slot
 
 so a shared-basis adapter costs ``R * R`` numbers per module, not a padded ``A``/``B`` pair.
-The forward runs through the punica wrapper's ``add_nora_linear``. The classes are made per
-worker by :func:`layer_classes`, which gives them the worker's state (``nora_state``: the slot
-plan, the activation in progress, the resident bases). Tensor parallelism: a
-basis is sliced with the layer's own ``slice_lora_a`` / ``slice_lora_b`` (B by output rows for
-column-parallel layers, A by input columns for row-parallel ones); cores stay whole, and the
-row-parallel all-reduce completes the sum as for LoRA.
+The forward is one call of the punica wrapper's ``add_nora_linear`` (``punica_base.py``). The
+classes are made per worker by :func:`layer_classes`, which gives them the worker's state
+(``nora_state``: the slot plan, the activation in progress, the resident bases). Tensor
+parallelism: a basis is sliced with the layer's own ``slice_lora_a`` / ``slice_lora_b`` (B by
+output rows for column-parallel layers, A by input columns for row-parallel ones); cores stay
+whole, and the row-parallel all-reduce completes the sum as for LoRA.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
 from nora_serve.kernels import cpu_step
+from nora_serve.serving import storage
+from nora_serve.serving.state import WorkerState
+from nora_serve.serving.storage import BASIS, DENSE
 
-from . import opaque, storage
+from . import opaque
 from .output_scale import OutputScales
-from .state import WorkerState
-from .storage import BASIS, DENSE
 
 
 class SharedBasisLayerMixin:
@@ -69,16 +70,16 @@ class SharedBasisLayerMixin:
         self._nora_stack: cpu_step.Stack | None = None
         self._nora_stack_dirty = False
         self.nora_packed_basis: list = [None] * G
-        self._nora_key = opaque.register(self)  # how the compiled graph's op finds this layer
         self.nora_out_scale = OutputScales(self, plan.dense_slots)  # PEFT DoRA's v per dense index
         # All the punica wrapper reads of this layer (the same tensors and lists, filled below).
         self.nora = storage.LayerWeights(
-            key=self._nora_key, plan=plan, output_slices=tuple(self.output_slices),
+            key=0, plan=plan, output_slices=tuple(self.output_slices),
             lora_a=tuple(self.lora_a_stacked), lora_b=tuple(self.lora_b_stacked),
             basis_a=self.nora_basis_a, basis_b=self.nora_basis_b, cores=self.nora_cores,
             core_ranks=self.nora_core_ranks, group_rank=self.nora_group_rank, out_scale=self.nora_out_scale,
             packed=self.nora_cpu, packed_dense=self.nora_packed_dense, dense_finite=self.nora_dense_finite,
             packed_basis=self.nora_packed_basis, dense_stack=self.nora_dense_stack)
+        self.nora.key = opaque.register(self.nora)  # how the compiled graph's op finds them
 
     # -- slots -----------------------------------------------------------------------------
     def _activation(self, index: int) -> storage.Activation:
@@ -204,10 +205,6 @@ class SharedBasisLayerMixin:
             output, x = output.flatten(0, 1), x.flatten(0, 1)
         self.punica_wrapper.add_nora_linear(output, x, self.nora)
         return output.reshape(shape)
-
-    def nora_eager(self, call, y, x, weights, scale, sizes) -> None:
-        """Run time of the compiled graph's ``nora::cpu_lora`` op for this layer."""
-        self.punica_wrapper.nora_linear_eager(y, x, self.nora)
 
     def nora_storage_bytes(self) -> dict[str, int]:
         def size(ts):

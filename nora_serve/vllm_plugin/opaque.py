@@ -1,40 +1,40 @@
-"""One opaque custom op through which compiled graphs reach the CPU wrapper's LoRA work.
+"""Opaque custom ops: how compiled graphs reach the CPU wrapper's LoRA work.
 
 vLLM compiles the model's forward with torch.compile (on the CPU: Dynamo traced once, then
 Inductor). The LoRA delta of a step depends on which adapters the step's rows use, which is
 decided per step outside the graph (``update_metadata``), so the traced graph must not bake
-any of it in. Every LoRA entry point of the CPU wrapper therefore becomes one call of
-``torch.ops.nora.cpu_lora`` when traced: the graph sees an op that mutates ``y`` (its fake
-implementation does nothing), and at run time the op hands ``y``/``x`` to the object that
-registered ``key`` (a punica wrapper or a shared-basis layer), which reads this step's routes.
-vLLM reaches its own layers the same way (``forward_context.no_compile_layers[layer_name]``).
+any of it in. Each LoRA entry point of the CPU wrapper is therefore registered here as its own
+custom op (``nora::cpu_*``) around the function that does the work: when traced, the graph
+sees an op that mutates ``y`` (its fake implementation does nothing); at run time the op calls
+that function, which finds the wrapper (and layer weights) by the keys it was given and reads
+this step's routes. vLLM reaches its own layers the same way
+(``forward_context.no_compile_layers[layer_name]``).
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_objects: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+objects: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _keys = itertools.count(1)
 
 
 def register(obj: Any) -> int:
-    """A key under which ``cpu_lora`` finds ``obj`` (held weakly: lives as long as ``obj``)."""
+    """A key under which the ops find ``obj`` (held weakly: lives as long as ``obj``)."""
     key = next(_keys)
-    _objects[key] = obj
+    objects[key] = obj
     return key
 
 
-@torch.library.custom_op("nora::cpu_lora", mutates_args=("y",))
-def cpu_lora(y: torch.Tensor, x: torch.Tensor, key: int, call: str,
-             weights: list[torch.Tensor], scale: float, sizes: list[int]) -> None:
-    _objects[key].nora_eager(call, y, x, weights, scale, sizes)
-
-
-@cpu_lora.register_fake
-def _(y, x, key, call, weights, scale, sizes) -> None:
-    return None
+def custom_op(name: str, fn: Callable[..., None]):
+    """Register ``fn`` (which adds into its first argument ``y`` and returns nothing) as the
+    custom op ``nora::<name>`` and return the op; ``fn`` itself stays a plain function, which
+    the eager path calls directly (an op call costs a dispatch)."""
+    op = torch.library.custom_op(f"nora::{name}", fn, mutates_args=("y",))
+    op.register_fake(lambda *args, **kwargs: None)
+    return op

@@ -6,6 +6,13 @@ batched with adapter tokens get that adapter's delta. Its logits path also appli
 per-request slot table to per-token prompt hidden states when ``prompt_logprobs`` is asked
 for, which fails as soon as two requests share a step. This wrapper groups rows by slot, skips
 rows without an adapter, and maps prompt-logprob rows back to their tokens' slots.
+
+The forward of the LoRA layers (dense LoRA, shared-basis layers, embeddings) is one function
+per kind below, each registered as its own opaque custom op (``opaque.py``): the wrapper's
+method calls the function itself in eager mode and the op when traced by torch.compile, and
+the op runs that same function. vLLM's layer -> the wrapper's method -> the function -> the
+``kernels.cpu_step`` op, which runs the first GEMM: three calls, eager or compiled (where the
+graph calls the op, and the op the function).
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from nora_serve.kernels import cpu_step
+from nora_serve.serving.routes import Step
+from nora_serve.serving.state import WorkerState
+from nora_serve.serving.storage import LayerWeights
 
 from . import opaque
-from .state import WorkerState
-from .storage import LayerWeights
+from .punica_base import NoraPunicaOps
+
+Tensor = torch.Tensor
 
 
 def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -46,17 +57,95 @@ def _w(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return w[0] if w.dim() == 3 else w
 
 
-class NoraPunicaWrapperCPU(PunicaWrapperCPU):
+def lora_linear(y: Tensor, x: Tensor, wrapper: int, lora_a: list[Tensor], lora_b: list[Tensor],
+                scale: float) -> None:
+    """Dense LoRA of a stock linear layer (:meth:`NoraPunicaOps.add_lora_linear`) for the
+    wrapper registered under ``wrapper``; op ``nora::cpu_lora_linear``."""
+    step = opaque.objects[wrapper]._step_for(x.shape[0])
+    n = step.rows
+    cpu_step.lora_linear(y[:n], x[:n], lora_a, lora_b, step.route("slots"), [step.ranks] * len(lora_a),
+                         scale, 0)
+
+
+def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
+    """A layer with shared-basis storage (:meth:`NoraPunicaOps.add_nora_linear`): ``layer`` the
+    key of its ``LayerWeights``; op ``nora::cpu_nora_linear``."""
+    self, w = opaque.objects[wrapper], opaque.objects[layer]
+    step = self._step_for(x.shape[0], w.plan)
+    n = step.rows
+    y, x = y[:n], x[:n]
+    packed = w.packed
+    dense = step.route("dense")
+    if dense.mode != cpu_step.NONE and w.out_scale.count:
+        self.scale_output(y, w, step.table("dense"))  # PEFT DoRA, before the LoRA is added
+    if dense.mode != cpu_step.NONE:
+        stack = w.dense_stack() if packed and dense.mode == cpu_step.SEG else None
+        if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
+                and all(w.dense_finite[s] for s in dense.slots)):
+            cpu_step.stacked_lora_linear(y, x, stack, step.table("dense"))
+        elif packed:
+            cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
+        else:
+            cpu_step.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
+                                 dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
+    groups = step.groups()
+    if not any(g is not None for g in groups):
+        return
+    R = step.plan.core_rank
+    L = step.plan.max_loras
+    for g, grp in enumerate(groups):
+        if grp is None:
+            continue
+        if packed:
+            basis = w.packed_basis[g]
+            if basis is not None:  # slice i's cores as [L, r, r] views
+                cores = [w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
+                         for i, r in enumerate(basis[2])]
+                cpu_step.packed_shared_basis_linear(y, x, basis, cores, grp.core_idx, grp.mask, grp.slot)
+            continue
+        off = 0
+        for i, width in enumerate(w.output_slices):
+            r = w.group_rank[i][g]
+            if r:
+                cores = w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
+                cpu_step.shared_basis_linear(y, x, w.basis_a[i][g, :r], w.basis_b[i][g, :, :r],
+                                             cores, grp.core_idx, grp.mask, grp.slot, off)
+            off += width
+
+
+def lora_embedding(y: Tensor, x: Tensor, wrapper: int, lora_b: Tensor, add_inputs: bool) -> None:
+    """Embedding LoRA, ``y += x @ B[slot].T`` row by row (only the expand); op
+    ``nora::cpu_lora_embedding``. Skipped unless a slot of the step has weights there."""
+    self = opaque.objects[wrapper]
+    if not add_inputs:
+        y.zero_()
+    if not self._any_live(lora_b, self._step_for(y.shape[0]).route("slots").slots):
+        return
+    for slot, rows in _groups(self._token_slots(y.shape[0])):
+        b = _w(lora_b, slot)
+        r = b.shape[-1]
+        delta = x.index_select(0, rows)[:, :r].to(y.dtype) @ b.to(y.dtype).T
+        n = min(delta.shape[1], y.shape[1])
+        y[:, :n].index_add_(0, rows, delta[:, :n])
+
+
+lora_linear_op = opaque.custom_op("cpu_lora_linear", lora_linear)
+nora_linear_op = opaque.custom_op("cpu_nora_linear", nora_linear)
+lora_embedding_op = opaque.custom_op("cpu_lora_embedding", lora_embedding)
+
+
+class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
     """Drop-in for ``PunicaWrapperCPU``: correct no-adapter rows and prompt-logprob logits, each
     adapter read only to its true rank, and the shared-basis layers' forward.
 
     Everything that depends on the step's token -> slot table is built once per step in
-    ``update_metadata`` (:class:`Step`); a layer's call only runs tensor ops on it. Under
-    torch.compile every entry point is one opaque op (``opaque.py``) that calls back here at
-    run time, so no step's routing is baked into the graph.
+    ``update_metadata`` (:class:`~nora_serve.serving.routes.Step`); a layer's call only runs
+    tensor ops on it. Under torch.compile each entry point is its own opaque op (module
+    docstring), so no step's routing is baked into the graph.
 
-    ``state``: the worker's :class:`~.state.WorkerState` (adapter ranks, slot plan, prompt
-    hidden states); ``hooks.py`` builds the wrapper with it (a fresh one by default)."""
+    ``state``: the worker's :class:`~nora_serve.serving.state.WorkerState` (adapter ranks, slot
+    plan, prompt hidden states); ``hooks.py`` builds the wrapper with it (a fresh one by
+    default)."""
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, *,
                  state: WorkerState | None = None, **kwargs):
@@ -80,7 +169,7 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
         if plan is not None:  # routes follow later plan changes by themselves (_step_for)
             plan.refreshed_version = plan.version
 
-    def _step_for(self, n: int, plan=None) -> "Step":
+    def _step_for(self, n: int, plan=None) -> Step:
         """This step's tables for ``n`` rows (rows past the mapping are padding: no adapter),
         with the shared-basis slot ``plan`` of the calling layer."""
         step = self._step
@@ -93,87 +182,16 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
             return step.first(n)
         return step
 
-    # -- linear layers -----------------------------------------------------------------------
-    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked,
-                        scale: float, output_slices, *, buffer=None, **kwargs: Any) -> None:
-        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-        if torch.compiler.is_compiling():
-            torch.ops.nora.cpu_lora(y2, x2, self._nora_key, "linear",
-                                    [*lora_a_stacked, *lora_b_stacked], float(scale), [])
-            return
-        self._linear(y2, x2, list(lora_a_stacked), list(lora_b_stacked), scale)
+    # -- the plugin's ops (punica_base.NoraPunicaOps): the op when traced, the function in eager
+    def add_lora_linear(self, y: Tensor, x: Tensor, lora_a_stacked, lora_b_stacked, scale: float,
+                        output_slices, *, buffer=None, **kwargs: Any) -> None:
+        run = lora_linear_op if torch.compiler.is_compiling() else lora_linear
+        run(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), self._nora_key, list(lora_a_stacked),
+            list(lora_b_stacked), float(scale))
 
-    def _linear(self, y, x, lora_a, lora_b, scale) -> None:
-        step = self._step_for(x.shape[0])
-        n = step.rows
-        route = step.route("slots")
-        ranks = [step.ranks] * len(lora_a)
-        cpu_step.lora_linear(y[:n], x[:n], lora_a, lora_b, route, ranks, scale, 0)
-
-    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
-        """``y += ΔW_slot x`` per row, for a layer with shared-basis storage (``w``: its weights)."""
-        if torch.compiler.is_compiling():
-            torch.ops.nora.cpu_lora(y, x, w.key, "nora", [], 1.0, [])
-            return
-        self.nora_linear_eager(y, x, w)
-
-    def nora_linear_eager(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
-        step = self._step_for(x.shape[0], w.plan)
-        n = step.rows
-        y, x = y[:n], x[:n]
-        packed = w.packed
-        dense = step.route("dense")
-        scales = w.out_scale
-        if dense.mode != cpu_step.NONE and scales.count:
-            # PEFT DoRA: scale the base output of its rows first (output_scale.py).
-            scales.apply(y, step.table("dense"))
-        if dense.mode != cpu_step.NONE:
-            stack = w.dense_stack() if packed and dense.mode == cpu_step.SEG else None
-            if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
-                    and all(w.dense_finite[s] for s in dense.slots)):
-                cpu_step.stacked_lora_linear(y, x, stack, step.table("dense"))
-            elif packed:
-                cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
-            else:
-                cpu_step.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
-                                     dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
-        groups = step.groups()
-        if not any(g is not None for g in groups):
-            return
-        R = step.plan.core_rank
-        L = step.plan.max_loras
-
-        def cores(i: int, r: int) -> torch.Tensor:  # slice i's cores as [L, r, r] views
-            return w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
-
-        for g, grp in enumerate(groups):
-            if grp is None:
-                continue
-            if packed:
-                basis = w.packed_basis[g]
-                if basis is not None:
-                    cpu_step.packed_shared_basis_linear(
-                        y, x, basis, [cores(i, r) for i, r in enumerate(basis[2])],
-                        grp.core_idx, grp.mask, grp.slot)
-                continue
-            off = 0
-            for i, width in enumerate(w.output_slices):
-                r = w.group_rank[i][g]
-                if r:
-                    cpu_step.shared_basis_linear(
-                        y, x, w.basis_a[i][g, :r], w.basis_b[i][g, :, :r],
-                        cores(i, r), grp.core_idx, grp.mask, grp.slot, off)
-                off += width
-
-    def nora_eager(self, call, y, x, weights, scale, sizes) -> None:
-        """Run time of the compiled graph's ``nora::cpu_lora`` op for this wrapper."""
-        if call == "linear":
-            k = len(weights) // 2
-            self._linear(y, x, weights[:k], weights[k:], scale)
-        elif call == "embedding":
-            self._embedding(y, x, weights[0], bool(sizes[0]))
-        else:
-            raise ValueError(f"nora: unknown call {call!r}")
+    def add_nora_linear(self, y: Tensor, x: Tensor, w: LayerWeights) -> None:
+        run = nora_linear_op if torch.compiler.is_compiling() else nora_linear
+        run(y, x, self._nora_key, w.key)
 
     # -- other stock layers (fully sharded LoRA): a loop per slot, correct no-adapter rows ---
     def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any):
@@ -226,26 +244,10 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
                 return True
         return False
 
-    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+    def add_lora_embedding(self, y: Tensor, x: Tensor, lora_b_stacked: Tensor,
                            add_inputs: bool = True, **kwargs: Any) -> None:
-        if torch.compiler.is_compiling():
-            torch.ops.nora.cpu_lora(y.view(-1, y.shape[-1]), x, self._nora_key, "embedding",
-                                    [lora_b_stacked], 1.0, [int(add_inputs)])
-            return
-        self._embedding(y.view(-1, y.shape[-1]), x, lora_b_stacked, add_inputs)
-
-    def _embedding(self, y2: torch.Tensor, x: torch.Tensor, lora_b_stacked, add_inputs) -> None:
-        """``y += x @ B[slot].T`` row by row (embedding LoRA only needs the expand)."""
-        if not add_inputs:
-            y2.zero_()
-        if not self._any_live(lora_b_stacked, self._step_for(y2.shape[0]).route("slots").slots):
-            return
-        for slot, rows in _groups(self._token_slots(y2.shape[0])):
-            b = _w(lora_b_stacked, slot)
-            r = b.shape[-1]
-            delta = x.index_select(0, rows)[:, :r].to(y2.dtype) @ b.to(y2.dtype).T
-            n = min(delta.shape[1], y2.shape[1])
-            y2[:, :n].index_add_(0, rows, delta[:, :n])
+        run = lora_embedding_op if torch.compiler.is_compiling() else lora_embedding
+        run(y.view(-1, y.shape[-1]), x, self._nora_key, lora_b_stacked, bool(add_inputs))
 
     # -- logits --------------------------------------------------------------------------------
     def _logits_slots(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,73 +290,3 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU):
             n = min(delta.shape[1], y2.shape[1])
             y2[:, :n].index_add_(0, rows, delta[:, :n])
 
-
-class _Group:
-    """One basis group's rows in a step: ``core_idx`` per row (``None``: all rows use ``slot``),
-    ``mask`` of the group's rows (``None``: every row)."""
-
-    __slots__ = ("core_idx", "mask", "slot")
-
-    def __init__(self, core_idx, mask, slot):
-        self.core_idx, self.mask, self.slot = core_idx, mask, slot
-
-
-class Step:
-    """What one step's token -> slot table means for every layer, computed once.
-
-    ``route("slots")``: rows -> stacked slot (stock layers); ``route("dense")``: rows -> dense
-    index of the shared-basis layers' stack; ``groups()``: per basis group, which rows use it
-    and with which slot's core. Built lazily, each at most once per step."""
-
-    def __init__(self, slots_src: torch.Tensor, ids: tuple, ranks: list[int], plan):
-        self.slots_src = slots_src
-        self.rows = int(slots_src.numel())
-        self.slots = slots_src.to(torch.int64)
-        self.ids, self.ranks, self.plan = ids, ranks, plan
-        self.plan_version = plan.version if plan is not None else None
-        self._routes: dict[str, cpu_step.Route] = {}
-        self._tables: dict[str, torch.Tensor] = {}
-        self._groups: list | None = None
-        self._firsts: dict[int, Step] = {}
-        self.dense_ranks = plan.dense_ranks.tolist() if plan is not None else []
-
-    def first(self, n: int) -> "Step":
-        if n not in self._firsts:
-            self._firsts[n] = Step(self.slots_src[:n], self.ids, self.ranks, self.plan)
-        return self._firsts[n]
-
-    def table(self, tag: str) -> torch.Tensor:
-        """Per-row index into a stack (int64, -1: none): ``slots`` or ``dense`` indices."""
-        if tag not in self._tables:
-            if tag == "slots":
-                self._tables[tag] = self.slots
-            else:  # "dense"
-                valid = self.slots >= 0
-                safe = self.slots.clamp(min=0)
-                self._tables[tag] = torch.where(valid, self.plan.dense_of_slot[safe].long(), -1)
-        return self._tables[tag]
-
-    def route(self, tag: str) -> cpu_step.Route:
-        if tag not in self._routes:
-            self._routes[tag] = cpu_step.build_route(self.table(tag))
-        return self._routes[tag]
-
-    def groups(self) -> list:
-        if self._groups is None:
-            plan, out = self.plan, []
-            if plan is not None and self.rows:
-                valid = self.slots >= 0
-                safe = self.slots.clamp(min=0)
-                group = torch.where(valid, plan.group_of_slot[safe].long(), -1)
-                whole = self.route("slots")
-                for g in range(plan.max_groups):
-                    mask = group == g
-                    count = int(mask.sum())
-                    if count == 0:
-                        out.append(None)
-                    elif count == self.rows and whole.mode == cpu_step.ALL:
-                        out.append(_Group(None, None, whole.slot))
-                    else:
-                        out.append(_Group(safe, None if count == self.rows else mask.unsqueeze(1), -1))
-            self._groups = out
-        return self._groups

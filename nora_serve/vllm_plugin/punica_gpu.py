@@ -1,4 +1,5 @@
-"""GPU punica wrapper: vLLM's LoRA linear ops on ``nora_serve.kernels``.
+"""GPU punica wrapper: vLLM's LoRA linear ops on ``nora_serve.kernels``, and the forward of the
+shared-basis layers (``punica_base.NoraPunicaOps``, as the CPU wrapper in ``punica_cpu.py``).
 
 vLLM's Triton punica kernels run every slot up to the stacked (padded) rank, ``max_lora_rank``.
 The nora segment kernels stop at each slot's true rank (the stacked weights are zero past it),
@@ -13,18 +14,30 @@ rewrites in place, outside the forward pass (as vLLM does with its ``LoRAKernelM
 The forward pass only slices them, so it neither syncs with the host nor allocates persistent
 state: a captured CUDA graph keeps their addresses and reads each step's values on replay, and
 torch.compile traces it without graph breaks. Logits, embeddings and MoE stay with vLLM.
+
+Shared-basis layers: per step, the token -> slot table becomes one table for the dense stack
+(slot -> dense index) and one per basis group (the slot itself, -1 for tokens of other groups);
+their segment metadata is built in ``update_metadata`` into persistent buffers, and every layer
+reads views of it: one rank-aware LoRA op over the dense stack, then per slice and group one
+shared-basis op (two dense GEMMs over the step's tokens, the slots' own cores gathered in
+between), every group each step (no value-dependent work, so CUDA graphs replay it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
+from nora_serve import kernels
+from nora_serve.serving.state import WorkerState
+
 from .log import logger
-from .punica_nora import NoraLinearOpsMixin
-from .state import WorkerState
+from .punica_base import NoraPunicaOps
+
+if TYPE_CHECKING:
+    from nora_serve.serving.storage import LayerWeights
 
 _KERNELS: Any = False  # False: not tried yet; None: unusable
 
@@ -36,8 +49,6 @@ def _kernels():
         try:
             import triton  # noqa: F401  (the kernels import it on first launch)
 
-            from nora_serve import kernels
-
             _KERNELS = kernels
             logger.info("nora: LoRA linear ops on nora_serve.kernels (rank-aware segment GEMMs)")
         except Exception as e:  # kernels or triton missing / broken
@@ -46,13 +57,14 @@ def _kernels():
     return _KERNELS
 
 
-class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
+class NoraPunicaWrapperGPU(PunicaWrapperGPU, NoraPunicaOps):
     """``PunicaWrapperGPU`` whose linear-layer ops read each slot only up to its true rank, and
-    the forward of the shared-basis layers (every basis group each step: no value-dependent
-    work, so CUDA graphs replay it). ``state``: the worker's :class:`~.state.WorkerState`
-    (``hooks.py`` builds the wrapper with it; a fresh one by default)."""
+    the forward of the shared-basis layers (module docstring). ``state``: the worker's
+    :class:`~nora_serve.serving.state.WorkerState` (``hooks.py`` builds the wrapper with it; a
+    fresh one by default)."""
 
-    _nora_skip_idle = False
+    # (rows, plan version, [(tag, num_slots, meta)]) of the last shared-basis build.
+    _nora_built: tuple | None = None
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, *,
                  state: WorkerState | None = None, **kwargs):
@@ -125,18 +137,6 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
             bufs = self._meta_bufs[key] = k.SegmentMetaBuffers(self._max_tokens, key[1],
                                                                self.device)
         return bufs.update(token_slots.to(torch.int32))
-
-    def _nora_rows(self) -> int:
-        return self._num_mapped
-
-    def _nora_token_slots(self, n: int) -> torch.Tensor:
-        return self.token_slots(n)
-
-    def _nora_view(self, tag: str, num_slots: int, meta, n: int):
-        return self._meta_bufs[(tag, int(num_slots))].view(n)
-
-    def _nora_meta(self, tokens: torch.Tensor, num_slots: int, tag: str):
-        return self.segment_meta(tokens, num_slots, tag)
 
     def _step_meta(self, num_rows: int, num_slots: int):
         """This step's metadata for the first ``num_rows`` rows: views of the tables that
@@ -217,3 +217,51 @@ class NoraPunicaWrapperGPU(NoraLinearOpsMixin, PunicaWrapperGPU):
                         device=x2.device)
         k.lora_shrink(x2, list(lora_a_stacked), h, meta, ranks, scale)
         k.lora_expand(h, list(lora_b_stacked), y2, meta, ranks, 0, False)
+
+    # -- layers with shared-basis storage ----------------------------------------------------
+    def _nora_refresh(self, plan=None) -> None:
+        """Build this step's shared-basis metadata (called at the end of ``update_metadata``)."""
+        plan = plan or self.state.plan
+        if plan is None:
+            return
+        n = self._num_mapped
+        self._nora_built = (n, plan.version, self._nora_build(n, plan, ""))
+        plan.refreshed_version = plan.version
+
+    def _nora_build(self, n: int, plan, suffix: str):
+        slots = self.token_slots(n)
+        valid = slots >= 0
+        safe = slots.clamp(min=0).long()
+        none = torch.full_like(slots, -1)
+        dense = torch.where(valid, plan.dense_of_slot[safe], none)
+        group = torch.where(valid, plan.group_of_slot[safe], none)
+        tables = [("nora_dense" + suffix, plan.dense_slots, dense)]
+        tables += [(f"nora_group{g}{suffix}", plan.max_loras, torch.where(group == g, slots, none))
+                   for g in range(plan.max_groups)]
+        return [(tag, k, self.segment_meta(tok, k, tag)) for tag, k, tok in tables]
+
+    def _nora_step(self, n: int, plan) -> list:
+        built = self._nora_built
+        if not torch.compiler.is_compiling():  # compiled graphs read what update_metadata built
+            if built is None or built[1] != plan.version:
+                self._nora_refresh(plan)  # the plan changed after the mapping (eager only)
+                built = self._nora_built
+            if n < built[0]:  # fewer rows than the mapping: tables of their own
+                return [m for _, _, m in self._nora_build(n, plan, ".rows")]
+        return [self._meta_bufs[(tag, int(k))].view(n) for tag, k, _ in built[2]]
+
+    def add_nora_linear(self, y: torch.Tensor, x: torch.Tensor, w: LayerWeights) -> None:
+        plan = w.plan
+        dense_meta, *group_metas = self._nora_step(x.shape[0], plan)
+        if w.out_scale.count:
+            # PEFT DoRA. Decided on the host: a CUDA graph captured before a DoRA adapter was
+            # loaded lacks it.
+            self.scale_output(y, w, dense_meta.token_slot[: y.shape[0]].long())
+        ranks = torch.clamp(plan.dense_ranks, max=w.lora_a[0].shape[-2])
+        kernels.lora_linear(y, x, list(w.lora_a), list(w.lora_b), dense_meta, ranks, 1.0, 0)
+        off = 0
+        for i, width in enumerate(w.output_slices):
+            for g, meta in enumerate(group_metas):
+                kernels.shared_basis_linear(y, x, w.basis_a[i][g], w.basis_b[i][g], w.cores[i],
+                                      plan.core_offsets, w.core_ranks[i], meta, 1.0, off)
+            off += width

@@ -1,0 +1,85 @@
+"""The per-step route model of the CPU path: what one step's token -> slot table means for every
+LoRA layer, computed once per step (the punica wrapper builds a :class:`Step` in
+``update_metadata``) and read by every layer's forward. Plain torch, no vLLM."""
+
+from __future__ import annotations
+
+import torch
+
+from nora_serve.kernels import cpu_step
+
+
+class _Group:
+    """One basis group's rows in a step: ``core_idx`` per row (``None``: all rows use ``slot``),
+    ``mask`` of the group's rows (``None``: every row)."""
+
+    __slots__ = ("core_idx", "mask", "slot")
+
+    def __init__(self, core_idx, mask, slot):
+        self.core_idx, self.mask, self.slot = core_idx, mask, slot
+
+
+class Step:
+    """What one step's token -> slot table means for every layer, computed once.
+
+    ``route("slots")``: rows -> stacked slot (stock layers); ``route("dense")``: rows -> dense
+    index of the shared-basis layers' stack; ``groups()``: per basis group, which rows use it
+    and with which slot's core. Built lazily, each at most once per step.
+
+    ``slots_src``: the per-row slot table (int, -1: no adapter); ``ids``: the adapter id per
+    slot; ``ranks``: the rank per slot; ``plan``: the shared-basis slot plan (``SlotPlan``) or
+    ``None``."""
+
+    def __init__(self, slots_src: torch.Tensor, ids: tuple, ranks: list[int], plan):
+        self.slots_src = slots_src
+        self.rows = int(slots_src.numel())
+        self.slots = slots_src.to(torch.int64)
+        self.ids, self.ranks, self.plan = ids, ranks, plan
+        self.plan_version = plan.version if plan is not None else None
+        self._routes: dict[str, cpu_step.Route] = {}
+        self._tables: dict[str, torch.Tensor] = {}
+        self._groups: list | None = None
+        self._firsts: dict[int, Step] = {}
+        self.dense_ranks = plan.dense_ranks.tolist() if plan is not None else []
+
+    def first(self, n: int) -> "Step":
+        """The same step for its first ``n`` rows."""
+        if n not in self._firsts:
+            self._firsts[n] = Step(self.slots_src[:n], self.ids, self.ranks, self.plan)
+        return self._firsts[n]
+
+    def table(self, tag: str) -> torch.Tensor:
+        """Per-row index into a stack (int64, -1: none): ``slots`` or ``dense`` indices."""
+        if tag not in self._tables:
+            if tag == "slots":
+                self._tables[tag] = self.slots
+            else:  # "dense"
+                valid = self.slots >= 0
+                safe = self.slots.clamp(min=0)
+                self._tables[tag] = torch.where(valid, self.plan.dense_of_slot[safe].long(), -1)
+        return self._tables[tag]
+
+    def route(self, tag: str) -> cpu_step.Route:
+        if tag not in self._routes:
+            self._routes[tag] = cpu_step.build_route(self.table(tag))
+        return self._routes[tag]
+
+    def groups(self) -> list:
+        if self._groups is None:
+            plan, out = self.plan, []
+            if plan is not None and self.rows:
+                valid = self.slots >= 0
+                safe = self.slots.clamp(min=0)
+                group = torch.where(valid, plan.group_of_slot[safe].long(), -1)
+                whole = self.route("slots")
+                for g in range(plan.max_groups):
+                    mask = group == g
+                    count = int(mask.sum())
+                    if count == 0:
+                        out.append(None)
+                    elif count == self.rows and whole.mode == cpu_step.ALL:
+                        out.append(_Group(None, None, whole.slot))
+                    else:
+                        out.append(_Group(safe, None if count == self.rows else mask.unsqueeze(1), -1))
+            self._groups = out
+        return self._groups
