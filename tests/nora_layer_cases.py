@@ -20,7 +20,7 @@ SLOT_IDS = [SLOTS.get(s, (None, None))[0] for s in range(MAX_LORAS)]
 
 def build(dtype=torch.float32, device="cpu", seed=0):
     """(layer, plan, per-slot weights ``{slot: (P, Q)}`` with ΔW = P Q, per slice)."""
-    from nora_serve.vllm_plugin.storage import AdapterStorage, SlotPlan
+    from nora_serve.serving.storage import AdapterStorage, SlotPlan
 
     g = torch.Generator().manual_seed(seed)
 
@@ -85,17 +85,21 @@ def build(dtype=torch.float32, device="cpu", seed=0):
 
 
 def weights(lay):
-    """The ``LayerWeights`` the layer hands the punica wrapper, from the layer above as it is now."""
-    from nora_serve.vllm_plugin.storage import LayerWeights
+    """The ``LayerWeights`` the layer hands the punica wrapper, from the layer above as it is now,
+    registered for the CPU wrapper's ops as ``layers.py`` registers its own."""
+    from nora_serve.serving.storage import LayerWeights
+    from nora_serve.vllm_plugin import opaque
 
-    return LayerWeights(
-        key=getattr(lay, "_nora_key", 0), plan=lay.nora_plan, output_slices=tuple(lay.output_slices),
+    lw = LayerWeights(
+        key=0, plan=lay.nora_plan, output_slices=tuple(lay.output_slices),
         lora_a=tuple(lay.lora_a_stacked), lora_b=tuple(lay.lora_b_stacked), basis_a=lay.nora_basis_a,
         basis_b=lay.nora_basis_b, cores=lay.nora_cores, core_ranks=lay.nora_core_ranks,
         group_rank=lay.nora_group_rank, out_scale=lay.nora_out_scale, packed=getattr(lay, "nora_cpu", False),
         packed_dense=getattr(lay, "nora_packed_dense", []), dense_finite=getattr(lay, "nora_dense_finite", []),
         packed_basis=getattr(lay, "nora_packed_basis", []),
         dense_stack=getattr(lay, "nora_dense_stack", lambda: None))
+    lw.key = opaque.register(lw)
+    return lw
 
 
 def reference(x: torch.Tensor, want, rows: int) -> torch.Tensor:

@@ -72,14 +72,12 @@ def _layer_case():
 
     import nora_layer_cases as cases
 
-    from nora_serve.vllm_plugin import opaque
     from nora_serve.vllm_plugin.layers import SharedBasisLayerMixin
     from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
 
     lay, plan, want = cases.build()
     w = NoraPunicaWrapperCPU(64, 16, "cpu")
-    lw = cases.weights(_packed(lay))
-    lw.key = opaque.register(lw)  # as layers.py registers its LayerWeights
+    lw = cases.weights(_packed(lay))  # registered for the op, as layers.py registers its own
     layer = SimpleNamespace(punica_wrapper=w, nora=lw)
 
     def layer_forward(x):
