@@ -72,7 +72,7 @@ def wrapper_cls():
 
 @pytest.fixture()
 def ranks_recorded():
-    from nora_serve.vllm_plugin.state import WorkerState
+    from nora_serve.serving.state import WorkerState
 
     state = WorkerState()
     state.adapter_ranks.update(RECORDED)
@@ -322,7 +322,7 @@ def test_add_nora_linear_dense_and_shared_basis(wrapper_cls, monkeypatch):
     import nora_layer_cases as cases
     from vllm.config import LoRAConfig
 
-    from nora_serve.vllm_plugin.state import WorkerState
+    from nora_serve.serving.state import WorkerState
 
     state = WorkerState()
     state.adapter_ranks.update(cases.RANK)
