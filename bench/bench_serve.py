@@ -98,7 +98,7 @@ def run_child(spec: dict) -> dict:
     convert_s = None
     if mode.kind == "nora" and spec.get("preconvert") and n:
         # What the OpenAI server's front end does before a request reaches the scheduler.
-        from nora_serve.vllm_plugin.cache import prepare_adapter
+        from nora_serve.serving.cache.build import prepare_adapter
 
         t = time.perf_counter()
         conv = 0

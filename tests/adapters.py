@@ -1,5 +1,6 @@
 """Test adapters: one native adapter per method with random tensors, and shared-basis adapters
-trained with the real trainer (``from adapters import ...``)."""
+trained with the real trainer, training data, and a saved native adapter read back
+(``from adapters import ...``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from reference import base_modules, base_weights
 
@@ -124,3 +126,38 @@ def train_shared_basis_adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
         paths[name] = out
     return paths
 
+
+# -- training data and saved native adapters -----------------------------------------------------
+def _words():
+    from nora_serve.tiny import tiny_vocab
+
+    return [w for w in tiny_vocab(128) if not w.startswith("<")][:30]
+
+
+def write_reverse_task(path, n, seed):
+    """Prompt: three words; completion: the same words reversed."""
+    rng = random.Random(seed)
+    words = _words()
+    with open(path, "w") as f:
+        for _ in range(n):
+            s = rng.sample(words, 3)
+            f.write(json.dumps({"prompt": " ".join(s) + " :", "completion": " " + " ".join(reversed(s))}) + "\n")
+    return path
+
+
+def load_native(path):
+    """``(config, {module: {name: tensor}})`` of a native adapter; a format_version 2 adapter's
+    shared pair read from its basis file in the store, ``<path>/../bases/<digest>.safetensors``."""
+    from nora_serve.methods import get_method
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(path / "adapter_model.safetensors")).items():
+        m, _, n = key.rpartition(".")
+        groups.setdefault(m, {})[n] = t
+    if cfg.get("format_version") == 2:
+        basis = load_file(str(path.parent / "bases" / f"{cfg['shared_basis']['digest']}.safetensors"))
+        for m, t in groups.items():
+            for key, n in zip(("A", "B"), get_method(cfg["method"]).shared):
+                t[n] = basis[f"{m}.{key}"]
+    return cfg, groups

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -87,3 +89,20 @@ def moves_beyond_lora(base_dir, adapter_dir, prompt, max_tokens: int) -> float:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return max(abs(x - y) for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:]))
+
+
+def train_dora(base_dir, out: Path) -> Path:
+    """``nora-train --method dora``: saves a stock PEFT DoRA directory."""
+    import json
+
+    from nora_serve.tiny import WORDS
+
+    data = out.parent / "dora_train.jsonl"
+    with data.open("w") as fh:
+        for i in range(16):
+            fh.write(json.dumps({"prompt": f"{WORDS[i % len(WORDS)]} ", "completion": WORDS[(3 * i) % len(WORDS)]}) + "\n")
+    exe = Path(sys.executable).parent / "nora-train"
+    subprocess.run([str(exe), "--base", str(base_dir), "--data", str(data), "--method", "dora", "--rank", "4",
+                    "--lora-alpha", "8", "--max-steps", "12", "--lr", "2e-2", "--out", str(out), "--quiet"],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return out

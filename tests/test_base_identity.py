@@ -72,13 +72,15 @@ def offline_cache(tmp_path, monkeypatch):
     """An empty local Hub cache used by this process (offline)."""
     import huggingface_hub.constants as c
 
+    from nora_serve.serving import served_base
+
     root = tmp_path / "hf_cache"
     root.mkdir()
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    bi._served_dirs.clear()
+    served_base._served_dirs.clear()
     yield root
-    bi._served_dirs.clear()
+    served_base._served_dirs.clear()
 
 
 def test_base_never_relabels(fixtures_dir, base_dir, other_base, tmp_path, capsys):
@@ -235,18 +237,19 @@ def test_hub_id_through_env_in_a_fresh_process(fixtures_dir, base_dir, other_bas
 def test_served_hub_id_resolved_and_checked(fixtures_dir, base_dir, other_base, tmp_path, offline_cache, caplog):
     """The server's base (``vllm_plugin.serving`` / ``state``): a Hub id is resolved from the
     local cache and adapters are checked against it; the scope is logged once, in one line."""
-    from nora_serve.vllm_plugin.cache import prepare_adapter
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.served_base import served_base_dir
 
     snap = hub_cache(offline_cache, "org/served", other_base)
     log = logging.getLogger("test.nora")
     with caplog.at_level(logging.INFO, logger="test.nora"):
-        d = bi.served_base_dir("org/served", True, log)
-        assert bi.served_base_dir("org/served", True, log) == d == str(snap.resolve())
-        assert bi.served_base_dir("org/uncached", True, log) is None
-        assert bi.served_base_dir("org/served", False, log) is None
+        d = served_base_dir("org/served", True, log)
+        assert served_base_dir("org/served", True, log) == d == str(snap.resolve())
+        assert served_base_dir("org/uncached", True, log) is None
+        assert served_base_dir("org/served", False, log) is None
     # Not cached when first asked (vLLM may download it later): asked again, then found.
     hub_cache(offline_cache, "org/uncached", base_dir)
-    assert bi.served_base_dir("org/uncached", True) is not None
+    assert served_base_dir("org/uncached", True) is not None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines  # once each
     assert lines[0].startswith("nora: base check: shapes, and fingerprints where") and "Hub id 'org/served'" in lines[0]
@@ -261,7 +264,7 @@ def test_served_hub_id_resolved_and_checked(fixtures_dir, base_dir, other_base, 
     with pytest.raises(AdapterError):
         prepare_adapter(fixtures_dir / "dora_dyrank", base=d, max_rank=16, cache_dir=tmp_path / "cache")
     snap2 = hub_cache(offline_cache, "org/fixture", base_dir)
-    p = prepare_adapter(fixtures_dir / "dora_dyrank", base=bi.served_base_dir("org/fixture", True),
+    p = prepare_adapter(fixtures_dir / "dora_dyrank", base=served_base_dir("org/fixture", True),
                         max_rank=16, cache_dir=tmp_path / "cache")
     assert written(Path(p.path)) == str(snap2.resolve())
 

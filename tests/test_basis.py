@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_train import write_reverse_task  # noqa: E402
+from adapters import write_reverse_task  # noqa: E402
 
 from nora_serve.cli.convert import main as convert_main  # noqa: E402
 from nora_serve.cli.train import main as train_main  # noqa: E402

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference as ref  # noqa: E402
 from dora_cases import make_peft_dora  # noqa: E402
-from test_train import write_reverse_task  # noqa: E402
+from adapters import write_reverse_task  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -21,7 +21,7 @@ import reference as ref  # noqa: E402
 from offline_llm import run_offline  # noqa: E402
 from adapters import write_task  # noqa: E402
 from reference import Reference  # noqa: E402
-from test_train import load_native  # noqa: E402
+from adapters import load_native  # noqa: E402
 
 RANK, ALPHA, LR, STEPS = 4, 8.0, 1.0, 8
 # ``method == "x"`` / ``method in ("x", ...`` / ``method != "x"``: the literal is checked against

@@ -1,7 +1,9 @@
 """The package's shape, read from the source with ``ast`` (nothing imported): no import cycle in
 ``nora_serve`` (with ``nora_serve.converters`` and ``nora_serve.kernels``), lazy imports inside
 functions included; and in the vLLM plugin, ``hooks.py`` is the only module that sets
-attributes on vLLM modules, classes or objects."""
+attributes on vLLM modules, classes or objects. Only the plugin and the serve entry import vLLM
+(the serving core and the layers below it not even through another module), and every import
+follows the layer order of the README's "Layout" section."""
 
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def test_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "nora_serve.vllm_plugin.hooks" in graph[PLUGIN]  # register(): `from . import hooks`, in a function
     assert "nora_serve.vllm_plugin.engine_args" in graph["nora_serve.vllm_plugin.hooks"]
-    assert "nora_serve.kernels" in graph["nora_serve.vllm_plugin.punica_nora"]
+    assert "nora_serve.kernels" in graph["nora_serve.vllm_plugin.punica_gpu"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -196,3 +198,96 @@ def test_only_hooks_sets_attributes_on_vllm():
     hits = [h for f in sorted(plugin.glob("*.py")) if f.name != "hooks.py" for h in vllm_attribute_writes(f)]
     assert not hits, hits
     assert vllm_attribute_writes(plugin / "hooks.py")  # and hooks.py does (the check works there)
+
+
+# -- where vLLM is imported, and the layer order ---------------------------------------------
+# vLLM is imported by the plugin and by the CLI entry that runs vLLM's serve command, nowhere else.
+VLLM_ALLOWED = ("nora_serve.vllm_plugin", "nora_serve.cli.serve")
+# The serving core and everything below it: no vLLM, not even through another module.
+VLLM_FREE = ("nora_serve.serving", "nora_serve.methods", "nora_serve.converters", "nora_serve.kernels",
+             "nora_serve.train")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _parents(name: str, known) -> set[str]:
+    """The packages above ``name``: importing a module runs their ``__init__`` first."""
+    parts = name.split(".")
+    return {p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in known}
+
+
+def vllm_importers() -> set[str]:
+    """The package modules that import vLLM themselves (anywhere in the file)."""
+    return {name for name, path in _modules().items() if _vllm_names(ast.parse(path.read_text(), str(path)))}
+
+
+def vllm_chain(start: str, graph: dict[str, set[str]], direct: set[str]) -> list[str] | None:
+    """The shortest chain of imports ``[start, ..., m, "vllm"]`` through which importing
+    ``start`` imports vLLM (``direct``: the modules that import it themselves), or ``None``."""
+    prev: dict[str, str | None] = {start: None}
+    queue = [start]
+    for m in queue:
+        if m in direct:
+            chain = [m]
+            while prev[chain[-1]] is not None:
+                chain.append(prev[chain[-1]])
+            return chain[::-1] + ["vllm"]
+        for n in sorted(graph.get(m, set()) | _parents(m, graph)):
+            if n not in prev:
+                prev[n] = m
+                queue.append(n)
+    return None
+
+
+def test_the_vllm_check_follows_imports():
+    graph = {"a": {"b"}, "b": {"c"}, "c": set(), "p": set(), "p.x": set(), "d": set()}
+    assert vllm_chain("a", graph, {"c"}) == ["a", "b", "c", "vllm"]
+    assert vllm_chain("p.x", graph, {"p"}) == ["p.x", "p", "vllm"]  # through its package's __init__
+    assert vllm_chain("d", graph, {"c"}) is None
+    assert {"nora_serve.vllm_plugin.hooks", "nora_serve.cli.serve"} <= vllm_importers()
+
+
+def test_vllm_imported_only_by_the_plugin_and_the_serve_entry():
+    outside = sorted(m for m in vllm_importers() if not any(_under(m, a) for a in VLLM_ALLOWED))
+    assert not outside, f"modules outside {VLLM_ALLOWED} import vLLM: {outside}"
+
+
+def test_serving_core_and_the_layers_below_import_no_vllm():
+    """Not directly, and not through any nora_serve module they import (lazily included)."""
+    graph, direct = import_graph(), vllm_importers()
+    core = [m for m in graph if _under(m, "nora_serve.serving")]
+    assert len(core) >= 10 and "nora_serve.serving.cache.build" in core
+    chains = [" -> ".join(c) for m in sorted(graph) if any(_under(m, r) for r in VLLM_FREE)
+              for c in [vllm_chain(m, graph, direct)] if c]
+    assert not chains, "\n".join(chains)
+
+
+def _room(module: str) -> str:
+    """``nora_serve.serving.cache.build`` -> ``serving``; the package's own ``__init__``: ``nora_serve``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def readme_layers() -> dict[str, int]:
+    """The layer line of the README's "Layout" section (``a | b -> c -> ...``), as room -> rank:
+    a room may import only rooms of a higher rank."""
+    text = (REPO / "README.md").read_text()
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.strip("`") for ln in layout.splitlines()
+             if ln.startswith("`") and ln.endswith("`") and "->" in ln]
+    assert len(lines) == 1, f"README's Layout section needs one layer line, found {lines}"
+    return {room.strip(): rank for rank, group in enumerate(lines[0].split("->")) for room in group.split("|")}
+
+
+def test_imports_follow_the_readme_layer_order():
+    layers = readme_layers()
+    graph = import_graph()
+    rooms = {_room(m) for m in graph}
+    assert rooms == set(layers), (f"rooms not in the README's layer line: {sorted(rooms - set(layers))}; "
+                                  f"in it but not in the code: {sorted(set(layers) - rooms)}")
+    assert layers["vllm_plugin"] < layers["serving"] < layers["converters"] < layers["methods"]
+    wrong = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                   if _room(a) != _room(b) and layers[_room(a)] >= layers[_room(b)])
+    assert not wrong, "imports against the README's layer order:\n" + "\n".join(wrong)

@@ -69,7 +69,7 @@ def test_linear_reads_only_each_adapters_rank():
     """Slots past a loaded adapter's rank are never read (rank-aware: vLLM pads every adapter
     to --max-lora-rank)."""
     from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
-    from nora_serve.vllm_plugin.state import WorkerState
+    from nora_serve.serving.state import WorkerState
 
     a, b = _stacked(3)
     x = torch.randn(len(IDS), D_IN)
@@ -143,7 +143,7 @@ def test_logits_per_request_and_prompt_rows():
 
 CONVERT = """
 import sys
-from nora_serve.vllm_plugin.cache import prepare_adapter
+from nora_serve.serving.cache.build import prepare_adapter
 print(prepare_adapter(sys.argv[1], base=sys.argv[2], max_rank=64, cache_dir=sys.argv[3]).path)
 """
 
@@ -167,7 +167,7 @@ def test_cache_concurrent_writers(fixtures_dir, base_dir, tmp_path):
 def test_cache_is_keyed_by_content(fixtures_dir, base_dir, tmp_path):
     import shutil
 
-    from nora_serve.vllm_plugin.cache import prepare_adapter
+    from nora_serve.serving.cache.build import prepare_adapter
 
     src = tmp_path / "a"
     shutil.copytree(fixtures_dir / "peft_lora_rank_pattern", src)
@@ -202,7 +202,7 @@ def test_without_flag_nothing_changes(base_dir):
 
 def test_flag_goes_to_additional_config(base_dir, tmp_path):
     from nora_serve.vllm_plugin.engine_args import apply_lora_defaults
-    from nora_serve.vllm_plugin.settings import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, NoraSettings
+    from nora_serve.serving.settings import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, NoraSettings
 
     ea = _engine_args(["--model", str(base_dir), "--enable-nora", "--nora-cache-dir", str(tmp_path)])
     s = NoraSettings.from_additional_config(ea.additional_config)

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dora_cases import make_peft_dora, moves_beyond_lora, peft_run  # noqa: E402
+from dora_cases import make_peft_dora, moves_beyond_lora, peft_run, train_dora  # noqa: E402
 from adapters import make_native_adapters  # noqa: E402
 from reference import reference_run  # noqa: E402
 from vllm_server import assert_matches, complete  # noqa: E402
@@ -24,23 +24,6 @@ pytestmark = pytest.mark.server
 
 MAX_TOKENS = 6
 PROMPTS = [[1, 127, 91, 85, 88, 39, 78, 92, 20], [1, 23, 112, 123, 18, 47, 40]]
-
-
-def train_dora(base_dir, out: Path) -> Path:
-    """``nora-train --method dora``: saves a stock PEFT DoRA directory."""
-    import json
-
-    from nora_serve.tiny import WORDS
-
-    data = out.parent / "dora_train.jsonl"
-    with data.open("w") as fh:
-        for i in range(16):
-            fh.write(json.dumps({"prompt": f"{WORDS[i % len(WORDS)]} ", "completion": WORDS[(3 * i) % len(WORDS)]}) + "\n")
-    exe = Path(sys.executable).parent / "nora-train"
-    subprocess.run([str(exe), "--base", str(base_dir), "--data", str(data), "--method", "dora", "--rank", "4",
-                    "--lora-alpha", "8", "--max-steps", "12", "--lr", "2e-2", "--out", str(out), "--quiet"],
-                   check=True, capture_output=True, text=True, timeout=600)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_mixed_concurrent_batch(server, base_dir, adapters, prompts):
 
 
 def test_shared_basis_adapters_are_stored_as_cores(server, adapters):
-    """The native NoRA / IntTune adapters above ran from shared-basis storage (one basis per
+    """The native shared-basis adapters above (NoRA, IntTune) ran from shared-basis storage (one basis per
     base and rank, cores per slot), the others from the dense slots."""
     assert_stored_as_cores(server, ["nora_a", "nora_b", "inttune_a", "inttune_b", "native_nora", "native_inttune"],
                            same_basis=[("nora_a", "nora_b"), ("inttune_a", "inttune_b", "native_inttune")],

@@ -67,7 +67,7 @@ def test_peft_dora_tp2(server, base_dir, adapters, tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     from dora_cases import make_peft_dora, peft_run
-    from test_serve_dora import train_dora
+    from dora_cases import train_dora
     from reference import reference_run
     from vllm_server import assert_matches, complete
 

@@ -42,7 +42,8 @@ def test_split_reproduces_each_modules_delta(base_dir, tmp_path):
 
 
 def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path):
-    from nora_serve.vllm_plugin.cache import prepare_adapter, shared_basis_entry
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.cache.trust import shared_basis_entry
 
     cache = tmp_path / "cache"
     entries = {n: shared_basis_entry(prepare_adapter(p, base=base_dir, max_rank=64, cache_dir=cache).path, cache)
@@ -65,7 +66,10 @@ def test_cores_only_entries_cost_what_the_cores_cost(base_dir, shared, tmp_path)
     import os
 
     from nora_serve.converters import read_adapter
-    from nora_serve.vllm_plugin.cache import ADAPTER_SUBDIR, cache_usage, prepare_adapter, shared_basis_entry
+    from nora_serve.serving.cache.bound import cache_usage
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.cache.keys import ADAPTER_SUBDIR
+    from nora_serve.serving.cache.trust import shared_basis_entry
 
     cache = tmp_path / "cache"
     src = shared["nora_a"]
@@ -90,7 +94,7 @@ def test_cores_only_entries_cost_what_the_cores_cost(base_dir, shared, tmp_path)
 
 
 def _st(kind, key=None, rank=8):
-    from nora_serve.vllm_plugin.storage import AdapterStorage
+    from nora_serve.serving.storage import AdapterStorage
 
     return AdapterStorage(kind, rank=rank, basis_key=key)
 
@@ -115,7 +119,7 @@ class _Slots:
 
 
 def test_slot_plan_dense_and_groups():
-    from nora_serve.vllm_plugin.storage import BASIS, DENSE, EMPTY, SlotPlan, StorageFull
+    from nora_serve.serving.storage import BASIS, DENSE, EMPTY, SlotPlan, StorageFull
 
     plan, slots = SlotPlan(6, 2, 2, 8, "cpu"), _Slots(6)
     a = slots.place(plan, 1, _st(DENSE, rank=4))
@@ -146,9 +150,9 @@ def test_slot_plan_dense_and_groups():
 def test_step_limits_defer_past_the_caps(shared, base_dir, tmp_path):
     from vllm.lora.request import LoRARequest
 
-    from nora_serve.vllm_plugin.cache import prepare_adapter
-    from nora_serve.vllm_plugin.scheduling import StepLimits
-    from nora_serve.vllm_plugin.settings import NoraSettings
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.scheduling import StepLimits
+    from nora_serve.serving.settings import NoraSettings
 
     cache = tmp_path / "cache"
     native = make_native_adapters(base_dir, tmp_path / "n", seed=2)
@@ -181,7 +185,7 @@ def test_nora_flags_reach_the_settings(base_dir):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from nora_serve.vllm_plugin.settings import NoraSettings
+    from nora_serve.serving.settings import NoraSettings
 
     parser = make_arg_parser(FlexibleArgumentParser())
     args = parser.parse_args(["--model", str(base_dir), "--enable-nora", "--nora-dense-loras", "4",

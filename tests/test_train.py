@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nora_serve.converters.fingerprint import base_fingerprints, fingerprint_tensors, load_base_weights
 from nora_serve.converters.native import method_scale, module_factors
@@ -18,45 +17,16 @@ from nora_serve.methods import dyrank_budget, get_method, nystrom_init, svd_oute
 from nora_serve.train import DataError, TrainConfig, load_examples, train
 from nora_serve.train.inject import LLAMA_TARGETS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapters import load_native, write_reverse_task  # noqa: E402
+
 METHODS = ("lora", "nora", "slora", "nlora", "inttune", "dyrank")
 # Per-method learning rates that move the loss visibly in a few full-batch steps: IntTune's
 # and NoRA's trainable cores sit between small frozen factors, so they need larger ones.
 LR = {"lora": 1e-2, "nora": 1e-1, "slora": 1e-2, "nlora": 1e-2, "inttune": 1.0, "dyrank": 1e-2}
 RANK, INNER = 4, 2
 STEPS = 10
-
-
-def _words():
-    from nora_serve.tiny import tiny_vocab
-
-    return [w for w in tiny_vocab(128) if not w.startswith("<")][:30]
-
-
-def write_reverse_task(path, n, seed):
-    """Prompt: three words; completion: the same words reversed."""
-    rng = random.Random(seed)
-    words = _words()
-    with open(path, "w") as f:
-        for _ in range(n):
-            s = rng.sample(words, 3)
-            f.write(json.dumps({"prompt": " ".join(s) + " :", "completion": " " + " ".join(reversed(s))}) + "\n")
-    return path
-
-
-def load_native(path):
-    """``(config, {module: {name: tensor}})`` of a native adapter; a format_version 2 adapter's
-    shared pair read from its basis file in the store, ``<path>/../bases/<digest>.safetensors``."""
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(path / "adapter_model.safetensors")).items():
-        m, _, n = key.rpartition(".")
-        groups.setdefault(m, {})[n] = t
-    if cfg.get("format_version") == 2:
-        basis = load_file(str(path.parent / "bases" / f"{cfg['shared_basis']['digest']}.safetensors"))
-        for m, t in groups.items():
-            for key, n in zip(("A", "B"), get_method(cfg["method"]).shared):
-                t[n] = basis[f"{m}.{key}"]
-    return cfg, groups
 
 
 def base_model(base_dir):

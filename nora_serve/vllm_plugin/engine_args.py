@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .settings import (
+from nora_serve.serving.settings import (
     DEFAULT_CACHE_MAX_GB,
     DEFAULT_CORE_RANK,
     DEFAULT_MAX_BASES,
@@ -24,9 +24,9 @@ def add_nora_cli_args(parser) -> None:
     if any("--enable-nora" in getattr(a, "option_strings", ()) for a in parser._actions):
         return
     group = parser.add_argument_group(
-        "nora", "Serve NoRA / SLoRA / NLoRA / IntTune / dynamic-rank DoRA and PEFT adapters "
-        "(--help=nora lists these flags). Adapters are converted to LoRA on load; native NoRA / "
-        "IntTune adapters keep one shared basis and only their cores."
+        "nora", "Serve NoRA / LoRA-XS / SLoRA / NLoRA / IntTune / dynamic-rank DoRA and PEFT adapters "
+        "(--help=nora lists these flags). Adapters are converted to LoRA on load; native "
+        "shared-basis adapters (NoRA, LoRA-XS, IntTune) keep one shared basis and only their cores."
     )
     # Flags whose help states their default themselves: argparse adds no "(default: None)".
     unset = argparse.SUPPRESS
@@ -69,7 +69,7 @@ def add_nora_cli_args(parser) -> None:
     group.add_argument(
         "--nora-dense-loras", type=int, default=unset, metavar="K",
         help="Slots with full (padded) LoRA storage, for adapters without a shared basis "
-        "(default: all of --max-loras). Native NoRA / IntTune adapters need no such slot: they "
+        "(default: all of --max-loras). Native NoRA / LoRA-XS / IntTune adapters need no such slot: they "
         "keep one copy of their shared basis and only an R x R core per module, so --max-loras "
         "can be in the thousands with a small K. The scheduler puts at most K adapters without "
         "a shared basis in one step.",
@@ -162,7 +162,7 @@ def _writable_cache(settings: NoraSettings, engine_args, fallback: bool) -> Nora
     or, asked to (``--nora-cache-fallback``), use a fresh temporary one."""
     import tempfile
 
-    from .cache import CacheUnavailable, check_writable
+    from nora_serve.serving.cache.faults import CacheUnavailable, check_writable
 
     try:
         check_writable(settings.cache_path)

@@ -6,11 +6,11 @@ runtime loading (``/v1/load_lora_adapter``) being open.
 The process's state is one :class:`FrontEnd` (``hooks.py`` makes it and hands it to its
 wrappers); the functions below take it and vLLM's ``OpenAIServingModels`` / serving object.
 
-Identity: every adapter reaches the engine under the id :mod:`.adapter_ids` derives from its
-cache key (vLLM's own numbering is per API server): vLLM's counter on ``OpenAIServingModels`` is
-replaced by :class:`IdCounter`, which hands out the id this request's task set. The request
-points at the adapter's own directory; the workers read it through the same cache, and convert
-it again if its entry was removed meanwhile."""
+Identity: every adapter reaches the engine under the id :mod:`nora_serve.serving.adapter_ids`
+derives from its cache key (vLLM's own numbering is per API server): vLLM's counter on
+``OpenAIServingModels`` is replaced by :class:`IdCounter`, which hands out the id this request's
+task set. The request points at the adapter's own directory; the workers read it through the
+same cache, and convert it again if its entry was removed meanwhile."""
 
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from . import cache, metrics
-from .adapter_ids import adapter_id
-from .cache import CacheUnavailable, _inside, prepare_adapter
-from nora_serve.converters.base_identity import served_base_dir
-from .settings import NoraSettings
+from nora_serve.serving import metrics
+from nora_serve.serving.adapter_ids import adapter_id
+from nora_serve.serving.cache.bound import enforce_limit
+from nora_serve.serving.cache.build import prepare_adapter
+from nora_serve.serving.cache.faults import CacheUnavailable, check_writable, inside
+from nora_serve.serving.cache.temporaries import clean_stale_temporaries
+from nora_serve.serving.served_base import served_base_dir
+from nora_serve.serving.settings import NoraSettings
 
 from .log import logger  # noqa: E402
 
@@ -83,7 +86,7 @@ def _ensure_id_counter(models) -> None:
 class Ticket:
     """An adapter converted (or found) in the cache, its entry pinned until settled."""
 
-    prepared: object  # cache.Prepared
+    prepared: object  # serving.cache.build.Prepared
     lora_id: int
 
 
@@ -118,8 +121,8 @@ class FrontEnd:
         metrics.declare()
         if settings.adapter_dir and (self.store is None or str(self.store.adapter_dir) != settings.adapter_dir):
             self.store = NoraStoreResolver(settings.adapter_dir, self)
-        cache.check_writable(settings.cache_path)  # CacheUnavailable: the server does not start
-        removed = cache.clean_stale_temporaries(settings.cache_path)
+        check_writable(settings.cache_path)  # CacheUnavailable: the server does not start
+        removed = clean_stale_temporaries(settings.cache_path)
         if removed:
             logger.info("nora: removed %d stale temporaries from the cache %s", len(removed),
                         settings.cache_path)
@@ -178,11 +181,11 @@ class FrontEnd:
         return keys
 
     def enforce_cache_limit(self, added: str | None = None) -> list[str]:
-        """Keep the cache within its bound (if any); it reports the cache's size (metrics.py).
+        """Keep the cache within its bound (if any); it reports the cache's size (serving/metrics.py).
         ``added``: the entry just converted. The keys removed."""
         s = self.settings
         try:
-            return cache.enforce_limit(s.cache_path, s.cache_max_bytes, self.in_use, added=added)
+            return enforce_limit(s.cache_path, s.cache_max_bytes, self.in_use, added=added)
         except Exception as e:  # housekeeping never fails a request
             logger.warning("nora: could not keep the cache %s under its bound: %s", s.cache_path, e)
             return []
@@ -289,13 +292,13 @@ class NoraStoreResolver(LoRAResolver):
             root = os.path.realpath(self.adapter_dir)
             p = os.path.join(root, lora_name)
             real = os.path.realpath(p)
-            if not _inside(real, root) or real == root or not os.path.isdir(real):
+            if not inside(real, root) or real == root or not os.path.isdir(real):
                 return None
             # Nothing in the adapter may lead out of the store either (a symlinked weight file).
             for dirpath, dirnames, filenames in os.walk(real):
                 for n in dirnames + filenames:
                     q = os.path.join(dirpath, n)
-                    if os.path.islink(q) and not _inside(os.path.realpath(q), root):
+                    if os.path.islink(q) and not inside(os.path.realpath(q), root):
                         logger.warning("nora: store adapter %r refused: %s leads out of the store",
                                        lora_name, os.path.relpath(q, root))
                         return None

@@ -1,6 +1,6 @@
 """Worker side: convert any supported adapter on load (this covers the offline ``LLM`` path;
 the API server converts first, so its requests arrive here already as cache entries), store
-native NoRA / IntTune adapters as cores on a shared basis, and place slots on activation.
+native shared-basis adapters (NoRA, LoRA-XS, IntTune) as cores on a shared basis, and place slots on activation.
 
 Every function takes the worker's :class:`~.state.WorkerState`; ``hooks.py`` calls them."""
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .log import logger
-from .state import UNKNOWN_RANK, WorkerState
-from .storage import BASIS, DENSE, EMPTY, AdapterStorage
+from nora_serve.serving.state import UNKNOWN_RANK, WorkerState
+from nora_serve.serving.storage import BASIS, DENSE, EMPTY, AdapterStorage
 
 
 def convert_request(state: WorkerState, manager, lora_request, *, folded: bool = False):
@@ -22,7 +22,7 @@ def convert_request(state: WorkerState, manager, lora_request, *, folded: bool =
     from vllm.exceptions import LoRAAdapterNotFoundError
     from vllm.lora.utils import get_adapter_absolute_path
 
-    from .cache import prepare_adapter
+    from nora_serve.serving.cache.build import prepare_adapter
 
     path = get_adapter_absolute_path(lora_request.lora_path)
     try:
@@ -53,12 +53,13 @@ def _shared_modules(adapter_manager) -> set[str]:
 
 
 def load_adapter(state: WorkerState, manager, orig_load, lora_request):
-    """Load through the convert-on-load cache: a native NoRA / IntTune adapter as cores only
-    (its basis is shared), anything else as the folded LoRA. The cache's lock is held shared
-    meanwhile, so that no eviction removes the entry between its preparation and its reading."""
+    """Load through the convert-on-load cache: a native shared-basis adapter (NoRA, LoRA-XS,
+    IntTune) as cores only (its basis is shared), anything else as the folded LoRA. The cache's
+    lock is held shared meanwhile, so that no eviction removes the entry between its
+    preparation and its reading."""
     if state.settings is None:
         return _load(state, manager, orig_load, lora_request)
-    from .cache import reading
+    from nora_serve.serving.cache.bound import reading
 
     with reading(state.settings.cache_path):
         return _load(state, manager, orig_load, lora_request)
@@ -71,7 +72,7 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
     if model is None:
         model = orig_load(manager, _dense(state, manager, lora_request, request))
         rank = state.record_rank(lid, model)
-        from .cache import output_scales
+        from nora_serve.serving.cache.trust import output_scales
 
         state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
                                                     output_scale=output_scales(request.lora_path))
@@ -101,8 +102,8 @@ def _weight_bytes(lora_model) -> int:
 
 
 def report_residency(state: WorkerState, adapter_manager) -> None:
-    """The residency gauges (metrics.py), when what this worker holds changed."""
-    from . import metrics
+    """The residency gauges (serving/metrics.py), when what this worker holds changed."""
+    from nora_serve.serving import metrics
 
     ids = adapter_manager._registered_adapters
     # A load resets this (load_adapter); removals change the count.
@@ -127,7 +128,7 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    from .scheduling import adapter_kind
+    from nora_serve.serving.scheduling import adapter_kind
 
     if state.plan is None:
         return None

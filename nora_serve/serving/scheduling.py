@@ -10,11 +10,13 @@ here.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from . import metrics
-from .cache import ADAPTER_SUBDIR, lookup_entry, prepare_adapter, shared_basis_entry
+from .cache.build import prepare_adapter
+from .cache.keys import ADAPTER_SUBDIR
+from .cache.trust import lookup_entry, shared_basis_entry
+from .log import logger
 
 # The kind of an adapter the scheduler cannot see yet (offline: the worker converts it in the
 # step that first needs it): counted as a dense adapter *and* as a basis of its own.
@@ -76,7 +78,7 @@ class StepLimits:
                             served_model=self.model)
             return True
         except Exception as e:
-            logging.getLogger("vllm.nora").error("nora: adapter %s cannot be loaded, its request fails: %s",
+            logger.error("nora: adapter %s cannot be loaded, its request fails: %s",
                          lora_request.lora_name, e)
             return False
 

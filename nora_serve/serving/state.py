@@ -2,15 +2,17 @@
 
 ``WorkerState`` (a worker process): the settings, the served model, each loaded adapter's
 rank and storage, the slot plan, the resident bases, the step's adapters, the activation in
-progress and the prompt-logprobs hidden states. ``hooks.py`` makes one per process and gives
-it to the punica wrapper (constructor argument), to the shared-basis layer classes (class
-attribute ``nora_state``) and to the worker-side wrappers. No vLLM import here.
+progress and the prompt-logprobs hidden states. ``vllm_plugin/hooks.py`` makes one per
+process and gives it to the punica wrapper (constructor argument), to the shared-basis layer
+classes (class attribute ``nora_state``) and to the worker-side wrappers. No vLLM import here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .log import logger
+from .served_base import served_base_dir
 from .settings import NoraSettings, settings_of
 from .storage import AdapterStorage, BasisStore, SlotPlan
 
@@ -41,14 +43,10 @@ class WorkerState:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "WorkerState":
-        import logging
-
-        from nora_serve.converters.base_identity import served_base_dir
-
         model = getattr(getattr(vllm_config, "model_config", None), "model", None)
         s = settings_of(vllm_config)
         # A Hub id resolves to its snapshot in the local cache; logs once what the base check covers.
-        return cls(s, served_base_dir(model, s.check_base, logging.getLogger("vllm.nora")) if s else None)
+        return cls(s, served_base_dir(model, s.check_base, logger) if s else None)
 
     @property
     def enabled(self) -> bool:

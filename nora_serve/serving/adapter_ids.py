@@ -13,11 +13,12 @@ arrays) and above vLLM's own warm-up ids. No vLLM import here.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
+
+from .log import logger
 
 ID_FLOOR = 1 << 20
 ID_SPAN = (1 << 31) - 1 - ID_FLOOR
@@ -51,7 +52,7 @@ def adapter_id(key: str, cache_dir: str | Path) -> int:
             with _lock:
                 _memo[memo_key] = lid
             return lid
-        logging.getLogger("vllm.nora").warning(
+        logger.warning(
             "nora: adapter id %d of cache key %s is taken by key %s; probing the next id",
             lid, key, owner)
     raise RuntimeError(f"no free adapter id for cache key {key} after {PROBES} probes")

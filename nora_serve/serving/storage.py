@@ -4,8 +4,8 @@
 vLLM gives every active adapter one of ``max_loras`` slots. Here only ``K <= max_loras`` of
 them have full LoRA storage; shared-basis adapters need none. The plan maps each slot to its
 dense index or basis group, decided once per activation (in the model manager's
-``activate_adapter``, see ``hooks.py``) and read by every layer's ``set_lora`` and by the
-punica wrapper at forward time. The worker's plan and bases live in its ``WorkerState``
+``activate_adapter``, see ``vllm_plugin/hooks.py``) and read by every layer's ``set_lora`` and
+by the punica wrapper at forward time. The worker's plan and bases live in its ``WorkerState``
 (``state.py``). No vLLM import here.
 """
 
@@ -31,17 +31,18 @@ class AdapterStorage:
     basis_key: str | None = None
     basis_path: str | None = None
     name: str = ""
-    # Served-not-folded methods (PEFT DoRA): each module's scale of the base output (output_scale.py).
+    # Served-not-folded methods (PEFT DoRA): each module's scale of the base output
+    # (vllm_plugin/output_scale.py).
     output_scale: dict | None = None
 
 
 @dataclass
 class LayerWeights:
     """What the punica wrappers read of one layer with shared-basis storage. The layer builds it
-    once (``layers.py``) and keeps filling these same tensors and lists; a wrapper is handed this,
-    never the layer (as vLLM's own wrappers get only the stacked tensors)."""
+    once (``vllm_plugin/layers.py``) and keeps filling these same tensors and lists; a wrapper
+    is handed this, never the layer (as vLLM's own wrappers get only the stacked tensors)."""
 
-    key: int  # the layer's key for the compiled graph's opaque op (opaque.py)
+    key: int  # the layer's key for the compiled graph's opaque op (vllm_plugin/opaque.py)
     plan: "SlotPlan"
     output_slices: tuple[int, ...]
     lora_a: tuple  # vLLM's stacked dense slots, per slice [K, 1, r, d_in]
@@ -51,7 +52,7 @@ class LayerWeights:
     cores: list  # per slice [max_loras * R * R], slot s's core at s * R * R
     core_ranks: torch.Tensor  # [n_slices, max_loras] int32
     group_rank: list  # [slice][group]: rank of the resident basis
-    out_scale: object  # output_scale.OutputScales (PEFT DoRA)
+    out_scale: object  # vllm_plugin/output_scale.OutputScales (PEFT DoRA)
     # CPU: slice-packed copies (kernels.cpu_step.pack_slices); the GPU reads the tensors above.
     packed: bool = False
     packed_dense: list = field(default_factory=list)
