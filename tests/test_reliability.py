@@ -42,14 +42,20 @@ FIGURES: dict = {}  # printed at the end of the module (README "Reliability")
 
 
 # -- no server ------------------------------------------------------------------------------------
-def test_patched_symbols_exist_in_installed_vllm():
-    from nora_serve.vllm_plugin import hooks
+def test_vllm_table_checks_clean_against_installed_vllm():
+    from nora_serve.vllm_plugin import hooks, vllm_surface
 
-    assert hooks.missing_symbols(gpu=True) == []
-    assert hooks.check_vllm() is None
-    # The table in the docstring and the data name the same classes.
-    for module, path in hooks.PATCHED:
-        assert path.split(".")[0] in hooks.__doc__ or module in hooks.__doc__, (module, path)
+    assert vllm_surface.check(gpu=True) == []
+    assert vllm_surface.refusal() is None
+    # The docstring points to the table instead of copying it.
+    assert "vllm_surface.TABLE" in hooks.__doc__
+    # What register() checked before the table are rows of it.
+    places = {(r.module, r.path) for r in vllm_surface.TABLE}
+    for place in (("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
+                  ("vllm.lora.model_manager", "LoRAModelManager.activate_adapter"),
+                  ("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU"),
+                  ("vllm.v1.metrics.loggers", "PrometheusStatLogger.record")):
+        assert place in places, place
 
 
 _INERT_CHILD = r"""
@@ -59,16 +65,26 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.core.sched.scheduler import Scheduler
 before = (EngineArgs.add_cli_args, Scheduler.schedule)
 import nora_serve.vllm_plugin as plugin
-from nora_serve.vllm_plugin import hooks
-hooks.PATCHED = hooks.PATCHED + (("vllm.lora.model_manager", "LoRAModelManager.renamed_in_a_new_vllm"),)
+from nora_serve.vllm_plugin import vllm_surface
+table = vllm_surface.TABLE
+# A renamed method the plugin wraps.
+vllm_surface.TABLE = table + (vllm_surface.Name("vllm.lora.model_manager",
+                              "LoRAModelManager.renamed_in_a_new_vllm", "wrap", "test"),)
 plugin.register()
 assert (EngineArgs.add_cli_args, Scheduler.schedule) == before, "patched despite the mismatch"
-assert "renamed_in_a_new_vllm" in plugin.inert_reason
-hooks.PATCHED = hooks.PATCHED[:-1]
-hooks.SUPPORTED_VLLM = (0, 31)
+assert "renamed_in_a_new_vllm" in plugin.inert_reason, plugin.inert_reason
+# An override vLLM no longer calls where the plugin expects (it would fail silently).
+vllm_surface.TABLE = table + (vllm_surface.Name(
+    "vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_lora_to_output", "override", "test",
+    used_by="BaseLinearLayerWithLoRA.create_lora_weights"),)
 plugin.register()
 assert (EngineArgs.add_cli_args, Scheduler.schedule) == before
-assert "not supported" in plugin.inert_reason
+assert "no longer names _apply_lora_to_output" in plugin.inert_reason, plugin.inert_reason
+vllm_surface.TABLE = table
+vllm_surface.SUPPORTED_VLLM = ((0, 31), (0, 34))
+plugin.register()
+assert (EngineArgs.add_cli_args, Scheduler.schedule) == before
+assert "not supported" in plugin.inert_reason, plugin.inert_reason
 # A plain vLLM engine-args round trip still works.
 EngineArgs.from_cli_args
 print("INERT-OK")
@@ -79,7 +95,7 @@ def test_register_stays_inert_on_a_vllm_mismatch():
     p = subprocess.run([sys.executable, "-c", _INERT_CHILD], capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "INERT-OK" in out, out[-3000:]
-    assert out.count("nora: plugin not installed") >= 1, out[-3000:]
+    assert out.count("nora: plugin not installed") == 1, out[-3000:]  # one line, the first reason
 
 
 def test_runtime_loading_stays_off_without_an_explicit_flag(base_dir, tmp_path, monkeypatch):
@@ -127,9 +143,9 @@ def test_slot_plan_holds_every_step_the_scheduler_admits(max_loras, dense, bases
     """Random churn over 12 adapters (dense ones and three bases), steps admitted by the
     scheduler's caps (StepLimits) and vLLM's --max-loras: activation never fails, and every
     active adapter owns its own dense index or a group of its own basis."""
-    from nora_serve.vllm_plugin.scheduling import StepLimits
-    from nora_serve.vllm_plugin.settings import NoraSettings
-    from nora_serve.vllm_plugin.storage import BASIS, DENSE, AdapterStorage, SlotPlan
+    from nora_serve.serving.scheduling import StepLimits
+    from nora_serve.serving.settings import NoraSettings
+    from nora_serve.serving.storage import BASIS, DENSE, AdapterStorage, SlotPlan
 
     settings = NoraSettings(dense_loras=dense, max_bases=bases, core_rank=8)
     kinds = {i: (None if i % 3 else f"basis{i % 4}") for i in range(1, 13)}
@@ -184,7 +200,8 @@ def _peft_lora(out: Path, base_dir: Path, seed: int, r: int = 4, alpha: float = 
 
 def test_forged_or_changed_cache_entries_are_not_trusted(base_dir, tmp_path):
     from nora_serve.converters.errors import AdapterError
-    from nora_serve.vllm_plugin.cache import ADAPTER_SUBDIR, MARKER, prepare_adapter
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.cache.keys import ADAPTER_SUBDIR, MARKER
 
     cache = tmp_path / "cache"
     # X/adapter with NaN weights and X/nora-cache.json beside it: read and refused.
@@ -227,7 +244,8 @@ def test_not_found_answers_do_not_tell_what_exists(tmp_path):
 
 
 def test_cache_bound_evicts_least_recently_used_not_in_use(base_dir, tmp_path):
-    from nora_serve.vllm_plugin.cache import cache_usage, enforce_limit, prepare_adapter
+    from nora_serve.serving.cache.bound import cache_usage, enforce_limit
+    from nora_serve.serving.cache.build import prepare_adapter
 
     cache = tmp_path / "cache"
     keys = []
@@ -263,7 +281,7 @@ def test_negative_alpha_and_named_other_base_refused(base_dir, tmp_path):
 _KILL_CHILD = r"""
 import sys, time
 import nora_serve.converters as conv
-from nora_serve.vllm_plugin.cache import prepare_adapter
+from nora_serve.serving.cache.build import prepare_adapter
 real = conv.convert_adapter
 def slow(*a, **kw):
     r = real(*a, **kw)
@@ -340,7 +358,7 @@ def test_cache_bound_holds_under_concurrent_first_loads(base_dir, tmp_path):
     answered right; idle store adapters are evicted and resolved again; the cache ends within its
     bound plus the entries of what is running. An entry removed under a loaded adapter is
     prepared again from its source; an adapter whose source is gone too fails alone."""
-    from nora_serve.vllm_plugin.cache import cache_usage
+    from nora_serve.serving.cache.bound import cache_usage
 
     store, names = _store_of(base_dir, tmp_path, n_lora=18)
     want = _reference(base_dir, store, names)
@@ -458,7 +476,9 @@ def test_full_or_read_only_cache_is_a_server_fault(base_dir, tmp_path):
 @pytest.fixture(scope="module")
 def env(base_dir, fixtures_dir, tmp_path_factory):
     from nora_serve.tiny import make_tiny_llama
-    from nora_serve.vllm_plugin.cache import ADAPTER_SUBDIR, MARKER, entry_digest, prepare_adapter, read_marker
+    from nora_serve.serving.cache.build import prepare_adapter
+    from nora_serve.serving.cache.keys import ADAPTER_SUBDIR, MARKER
+    from nora_serve.serving.cache.trust import entry_digest, read_marker
 
     root = tmp_path_factory.mktemp("reliability")
     store, cache, outside = root / "store", root / "cache", root / "outside"

@@ -15,16 +15,26 @@ from __future__ import annotations
 import sys
 
 
+def _startup():
+    """The vLLM module of the CLI's start-up (``cli_env_setup``, ``VLLM_SUBCMD_PARSER_EPILOG``):
+    ``vllm.entrypoints.common.startup`` from vLLM 0.33 on, ``serve.utils.api_utils`` in 0.32
+    (``vllm_plugin/vllm_surface.py`` TABLE)."""
+    try:
+        from vllm.entrypoints.common import startup
+    except ImportError:  # vLLM 0.32
+        from vllm.entrypoints.serve.utils import api_utils as startup
+    return startup
+
+
 def build_parser():
     """vLLM's ``serve`` parser as ``vllm serve`` builds it (the plugin's flags come in through
     ``EngineArgs.add_cli_args``), under a top-level parser named ``nora-serve``."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import VLLM_SUBCMD_PARSER_EPILOG
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(prog="nora-serve", description="vLLM's OpenAI-compatible server "
                                     "with the nora plugin (the same as `vllm serve`).",
-                                    epilog=VLLM_SUBCMD_PARSER_EPILOG.format(subcmd="serve"))
+                                    epilog=_startup().VLLM_SUBCMD_PARSER_EPILOG.format(subcmd="serve"))
     subparsers = parser.add_subparsers(required=False, dest="subparser")
     cmd = ServeSubcommand()
     serve = cmd.subparser_init(subparsers)
@@ -46,15 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["serve"]:  # `nora-serve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
     # Before vLLM (and prometheus_client) loads: every process of the server then writes its
-    # nora metrics where vLLM's /metrics merges them (vllm_plugin/metrics.py).
-    from nora_serve.vllm_plugin.metrics import share_across_processes
+    # nora metrics where vLLM's /metrics merges them (serving/metrics.py).
+    from nora_serve.serving.metrics import share_across_processes
 
     share_across_processes()
     # What vllm.entrypoints.cli.main.main does for `vllm serve ...`, after its version lookup.
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    cli_env_setup()
+    _startup().cli_env_setup()
     parser, cmd = build_parser()
     args = parser.parse_args(["serve", *argv])
     configure_logging_from_args(args)

@@ -3,16 +3,18 @@
 ``register()`` runs in every vLLM process. It installs wrappers (listed in ``hooks.py``) that
 do nothing unless ``additional_config["nora"]`` turns the plugin on, which ``--enable-nora``
 does on the command line and ``LLM(..., additional_config={"nora": {"enabled": True}})`` does
-offline. Before installing anything it checks the vLLM version and that every symbol it
-patches exists (``hooks.PATCHED``); on any mismatch, or any error, it logs one line and leaves
-vLLM exactly as it is: installing nora-serve never breaks plain vLLM.
+offline. Before installing anything it checks the vLLM version (``vllm_surface.SUPPORTED_VLLM``) and every
+vLLM name the plugin wraps, overrides, writes or reads (``vllm_surface.TABLE``: that each
+exists, and that vLLM still calls the overrides where the plugin expects); on any mismatch, or
+any error, it logs one line and leaves vLLM exactly as it is: installing nora-serve never
+breaks plain vLLM.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .settings import KEY, NoraSettings
+from nora_serve.serving.settings import KEY, NoraSettings
 
 __all__ = ["register", "KEY", "NoraSettings", "llm_kwargs"]
 
@@ -26,9 +28,9 @@ inert_reason: str | None = None
 def register() -> None:
     global inert_reason
     try:
-        from . import hooks
+        from . import hooks, vllm_surface
 
-        problem = hooks.check_vllm()
+        problem = vllm_surface.refusal()
         if problem is None:
             hooks.install_general_hooks()
             return

@@ -1,34 +1,8 @@
-"""The one module that installs anything into vLLM, and every vLLM symbol the plugin wraps,
-replaces or relies on, in one place (read this on a vLLM upgrade).
-
-Wrapped or replaced:
-
-| vLLM symbol                                                              | how      | process    |
-|--------------------------------------------------------------------------|----------|------------|
-| vllm.engine.arg_utils.EngineArgs.add_cli_args                            | wrapped  | front end  |
-| vllm.engine.arg_utils.EngineArgs.from_cli_args                           | wrapped  | front end  |
-| vllm.engine.arg_utils.EngineArgs.create_engine_config                    | wrapped  | front, LLM |
-| type(vllm.platforms.current_platform).get_punica_wrapper                 | wrapped  | all        |
-| type(vllm.platforms.current_platform).check_and_update_config (CPU)      | wrapped  | all        |
-| vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU                     | subclass | worker     |
-| vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU                     | subclass | worker     |
-| vllm.lora.worker_manager.WorkerLoRAManager._load_adapter                 | wrapped  | worker     |
-| vllm.lora.worker_manager.WorkerLoRAManager.add_dummy_lora                | wrapped  | worker     |
-| vllm.lora.worker_manager.LRUCacheWorkerLoRAManager._apply_adapters       | wrapped  | worker     |
-| vllm.lora.model_manager.LoRAModelManager._create_lora_modules            | wrapped  | worker     |
-| vllm.lora.model_manager.LoRAModelManager.activate_adapter                | wrapped  | worker     |
-| vllm.lora.utils._all_lora_classes (our layer classes put first)          | replaced | worker     |
-| vllm.lora.layers: ColumnParallel / MergedColumnParallel / QKVParallel /  | subclass | worker     |
-|   MergedQKVParallel / RowParallel LinearWithLoRA                         |          |            |
-| vllm.v1.core.sched.scheduler.Scheduler.__init__, .schedule,              | wrapped  | engine core|
-|   ._handle_blocked_waiting_request                                       |          |            |
-| vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict | wrapped  | worker     |
-| vllm.entrypoints.openai.models.serving.OpenAIServingModels               | wrapped  | API server |
-|   .load_lora_adapter, .show_available_models                             |          |            |
-| vllm.entrypoints.serve.engine.serving.BaseServing._check_model           | wrapped  | API server |
-| vllm.lora.resolver.LoRAResolver (registered in LoRAResolverRegistry)     | subclass | API server |
-| vllm.v1.engine.async_llm.AsyncLLM.generate (requests in flight per adapter) | wrapped | API server |
-| vllm.v1.metrics.loggers.PrometheusStatLogger.__init__, .record           | wrapped  | API server |
+"""The one module that installs anything into vLLM. Every vLLM name the plugin wraps, replaces,
+subclasses, overrides, writes or reads is in one table, ``vllm_surface.TABLE`` (with why; read it
+on a vLLM upgrade); ``register()`` checks all of it against the installed vLLM before anything
+here is installed, and tests/test_vllm_surface.py checks that the table equals what the code
+touches.
 
 The API-server wrappers stay because vLLM has no extension point for what they do:
 ``load_lora_adapter`` converts and checks an adapter before vLLM sees it (``--lora-modules`` and
@@ -46,44 +20,9 @@ vLLM's ``ServeSubcommand`` (``nora_serve/cli/serve.py``); the ``from_cli_args`` 
 writes nora's decisions back into vLLM's ``args``, which the API server processes of
 ``--api-server-count N`` read before they load any plugin.
 
-Attributes the plugin sets on vLLM objects (nothing else is hung on them):
-``LoRAModelManager._last_slot_layout = None`` (vLLM's own: rebuild the step metadata after a
-slot was placed); ``OpenAIServingModels.lora_id_counter`` (vLLM's own, replaced by
-``serving.IdCounter``: adapter ids from their content, the same in every API server);
-``PrometheusStatLogger.gauge_lora_info = None`` (vLLM's own: its adapter-name label is not
-set with nora on); ``Scheduler.grammar_compile_error_reqs`` (vLLM's own set of requests to end
-with an error: a request whose adapter cannot be read is added to it); ``nora_sub_modules`` on our own layer subclasses (by the
-``_create_lora_modules`` wrapper); ``nora_state`` on our layer classes (given once, when
-:func:`~.layers.layer_classes` makes them). Per-process state lives in one object each:
-``WorkerState`` (``state.py``, handed to the punica wrapper's constructor, the layer classes
-and the worker wrappers) and ``FrontEnd`` (``serving.py``, handed to the API-server wrappers
+Per-process state lives in one object each: ``WorkerState`` (``state.py``, handed to the
+punica wrapper's constructor, the layer classes and the worker wrappers) and ``FrontEnd`` (``serving.py``, handed to the API-server wrappers
 and the store resolver); the scheduler's per-step caps are kept by scheduler, not on it.
-
-Relied on (signatures and behaviour): PunicaWrapperBase's token_lora_indices / sampler_indices /
-update_metadata, and the stacked weight layout [max_loras, 1, rank, d_in] / [.., d_out, rank];
-vllm.lora.punica_wrapper.get_punica_wrapper calling what get_punica_wrapper() names with the
-wrapper's arguments; the LoRA layers' create_lora_weights / set_lora / reset_lora /
-slice_lora_a / slice_lora_b / _apply_lora_to_output / _init_lora_stream_context /
-output_slices / n_slices / tp_size; LoRAModelManager's modules, packed_modules,
-lora_index_to_id, _active_adapters, _registered_adapters, deactivate_adapter and its
-first-free-slot choice in activate_adapter; LoRAModel(id, rank, loras) and
-LoRALayerWeights(name, rank, alpha, a, b, scaling); the scheduler's running list, lora_config
-and vllm_config; OpenAIServingModels' lora_requests, resolve_lora (its resolvers, lock and
-ids), is_base_model; vllm.lora.resolver.LoRAResolverRegistry.register_resolver (read when
-OpenAIServingModels is made); vllm.config.get_current_vllm_config_or_none;
-vllm.config.lora.LoRAConfig defaults; vllm.lora.request.LoRARequest (msgspec struct);
-vllm.lora.utils.get_adapter_absolute_path; vllm.exceptions.LoRAAdapterNotFoundError;
-vllm.entrypoints.serve.create_error_response and serve.engine.protocol.ErrorResponse;
-vllm.entrypoints.cli.serve.ServeSubcommand (subparser_init, validate, cmd) and
-serve.utils.api_utils.cli_env_setup (nora-serve); vllm.logger.init_logger /
-configure_logging_from_args; BaseServing._is_model_supported and .models; /metrics built on
-vllm.v1.metrics.prometheus.get_prometheus_registry (prometheus_client's multiprocess mode when
-PROMETHEUS_MULTIPROC_DIR is set, which nora-serve sets: metrics.py); and the env flag
-VLLM_ALLOW_RUNTIME_LORA_UPDATING, which opens vLLM's load/unload routes (set only by
---nora-allow-runtime-loading).
-
-The same list as data: ``PATCHED`` below; ``register()`` checks it (and the vLLM version)
-before installing anything.
 
 Everything is installed here, up front or from this module's own wrappers (nothing it calls
 reaches back up): ``register()`` installs the engine-args, platform, compile and scheduler
@@ -99,95 +38,8 @@ from __future__ import annotations
 import functools
 import weakref
 
-# The table above as data: (module, attribute path) of every symbol wrapped, replaced or
-# subclassed, and of the extension points used (resolve_lora, register_resolver). register() installs nothing unless the vLLM version is supported and every one
-# of these exists (check_vllm); tests/test_reliability.py checks them against the installed vLLM.
-SUPPORTED_VLLM = (0, 32)  # major, minor
-PATCHED: tuple[tuple[str, str], ...] = (
-    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
-    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
-    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
-    ("vllm.platforms", "current_platform.get_punica_wrapper"),
-    ("vllm.platforms", "current_platform.check_and_update_config"),
-    ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU"),
-    ("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU"),
-    ("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter"),
-    ("vllm.lora.worker_manager", "WorkerLoRAManager.add_dummy_lora"),
-    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._apply_adapters"),
-    ("vllm.lora.model_manager", "LoRAModelManager._create_lora_modules"),
-    ("vllm.lora.model_manager", "LoRAModelManager.activate_adapter"),
-    ("vllm.lora.utils", "_all_lora_classes"),
-    ("vllm.lora.layers", "ColumnParallelLinearWithLoRA"),
-    ("vllm.lora.layers", "MergedColumnParallelLinearWithLoRA"),
-    ("vllm.lora.layers", "QKVParallelLinearWithLoRA"),
-    ("vllm.lora.layers", "MergedQKVParallelLinearWithLoRA"),
-    ("vllm.lora.layers", "RowParallelLinearWithLoRA"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler._handle_blocked_waiting_request"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_prompt_logprobs_dict"),
-    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
-    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.show_available_models"),
-    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
-    ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
-    ("vllm.lora.resolver", "LoRAResolver"),
-    ("vllm.lora.resolver", "LoRAResolverRegistry.register_resolver"),
-    ("vllm.v1.engine.async_llm", "AsyncLLM.generate"),
-    ("vllm.v1.metrics.loggers", "PrometheusStatLogger.__init__"),
-    ("vllm.v1.metrics.loggers", "PrometheusStatLogger.record"),
-)
-# Imported only where they are used (a CUDA platform): elsewhere their check is skipped.
-GPU_ONLY_MODULES = frozenset({"vllm.lora.punica_wrapper.punica_gpu"})
 # The name the adapter store is registered under in vLLM's LoRAResolverRegistry.
 STORE_RESOLVER = "nora adapter store"
-
-
-def missing_symbols(*, gpu: bool | None = None) -> list[str]:
-    """``module:attribute`` of every entry of :data:`PATCHED` that the installed vLLM lacks.
-    ``gpu``: also import the GPU-only modules (default: where the platform is CUDA-like)."""
-    import importlib
-
-    if gpu is None:
-        try:
-            from vllm.platforms import current_platform
-
-            gpu = bool(current_platform.is_cuda_alike())
-        except Exception:
-            gpu = False
-    missing = []
-    for module, path in PATCHED:
-        if module in GPU_ONLY_MODULES and not gpu:
-            continue
-        try:
-            obj = importlib.import_module(module)
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except Exception as e:  # ImportError, AttributeError, or the module failing to import
-            missing.append(f"{module}:{path} ({type(e).__name__})")
-    return missing
-
-
-def check_vllm() -> str | None:
-    """Why the plugin cannot install into this vLLM, or ``None`` when it can."""
-    try:
-        import vllm
-    except Exception as e:
-        return f"vLLM cannot be imported ({type(e).__name__}: {e})"
-    version = str(getattr(vllm, "__version__", ""))
-    parts = version.split(".")
-    try:
-        got = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x"))
-    except (IndexError, ValueError):
-        got = None
-    if got != SUPPORTED_VLLM:
-        want = ".".join(map(str, SUPPORTED_VLLM))
-        return f"vLLM {version or '(unknown version)'} is not supported (nora-serve needs vLLM {want}.x)"
-    missing = missing_symbols()
-    if missing:
-        return (f"vLLM {version} lacks {len(missing)} symbol(s) the plugin patches: "
-                + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
-    return None
-
 
 _installed: set[str] = set()
 # The state of this process: one per process kind, made by the stage that needs it.
@@ -233,7 +85,7 @@ def install_general_hooks() -> None:
             # offline LLM's nor a headless engine's: the API-server stage.
             from vllm.usage.usage_lib import UsageContext
 
-            from .settings import settings_of
+            from nora_serve.serving.settings import settings_of
 
             usage = kw.get("usage_context", a[0] if a else None)
             settings = settings_of(config)
@@ -256,7 +108,7 @@ def install_general_hooks() -> None:
             stock = orig_get(cls)
             from vllm.config import get_current_vllm_config_or_none
 
-            from .settings import settings_of
+            from nora_serve.serving.settings import settings_of
 
             config = get_current_vllm_config_or_none()
             if settings_of(config) is None:
@@ -295,8 +147,8 @@ def install_compile_hook() -> None:
     """Keep torch.compile on when nora serves adapters on the CPU.
 
     vLLM's CPU platform turns compilation off whenever LoRA is configured (its LoRA ops branch on
-    tensor values). The nora CPU wrapper's entry points are one opaque custom op under tracing
-    (``opaque.py``), so the compiled graph never sees the per-step routing: the platform's
+    tensor values). Each entry point of the nora CPU wrapper is its own opaque custom op under
+    tracing (``punica_cpu.py``, keys in ``opaque.py``), so the compiled graph never sees the per-step routing: the platform's
     config pass runs as if LoRA were off, and LoRA is put back after it. An explicit
     ``--enforce-eager`` / compilation mode 0 stays as the user set it; fully sharded LoRA
     layers (which call the wrapper's shrink/expand with their own buffers) keep vLLM's choice."""
@@ -304,7 +156,7 @@ def install_compile_hook() -> None:
         return
     from vllm.platforms import current_platform
 
-    from .settings import settings_of
+    from nora_serve.serving.settings import settings_of
 
     platform_cls = type(current_platform)
     if platform_cls.__name__ != "CpuPlatform":
@@ -332,8 +184,8 @@ def install_scheduler_hooks() -> None:
         return
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from .scheduling import StepLimits
-    from .settings import settings_of
+    from nora_serve.serving.scheduling import StepLimits
+    from nora_serve.serving.settings import settings_of
 
     orig_init = Scheduler.__init__
     orig_schedule = Scheduler.schedule
@@ -363,7 +215,8 @@ def install_scheduler_hooks() -> None:
             if not limits.available(request.lora_request):
                 # Its adapter cannot be read or prepared again: this request ends with an error
                 # (as vLLM ends one whose grammar failed), the engine and the others go on.
-                self.grammar_compile_error_reqs.add(request.request_id)
+                _end_with_error(self, request.request_id, f"LoRA adapter "
+                                f"{request.lora_request.lora_name!r} cannot be read")
                 return False
             return limits.admit(request.lora_request)
         return ready
@@ -371,6 +224,19 @@ def install_scheduler_hooks() -> None:
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule
     Scheduler._handle_blocked_waiting_request = _handle_blocked_waiting_request
+
+
+def _end_with_error(scheduler, request_id: str, message: str) -> None:
+    """End a waiting request with an error at the next ``update_from_output``, as vLLM ends one
+    whose grammar failed to compile: vLLM 0.32 keeps those requests' ids in a set, 0.33 maps
+    each to its ``RequestError``."""
+    errors = scheduler.grammar_compile_error_reqs
+    if isinstance(errors, dict):
+        from vllm.outputs import RequestError
+
+        errors[request_id] = RequestError(code="adapter_error", message=message)
+    else:
+        errors.add(request_id)
 
 
 def install_worker(vllm_config) -> None:
@@ -383,7 +249,7 @@ def install_worker(vllm_config) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from . import worker
-    from .state import WorkerState
+    from nora_serve.serving.state import WorkerState
 
     state = _worker_state = WorkerState.from_vllm_config(vllm_config)
     orig_load = WorkerLoRAManager._load_adapter
@@ -559,7 +425,7 @@ def _install_lora_metrics(front) -> None:
     set; counts with a fixed set of series are (metrics.py ``lora_requests``)."""
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    from . import metrics
+    from nora_serve.serving import metrics
 
     orig_init = PrometheusStatLogger.__init__
     orig_record = PrometheusStatLogger.record
