@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_store.py                    # 10,000 and 1,024 (~15-25 min here)
     .venv/bin/python bench/bench_store.py --n 50 --also 20   # smoke run, a few minutes
+    .venv/bin/python bench/bench_store.py --preload          # servers with --nora-preload-store
 
 **The store** (made once, cached under ``OUT/work/<sizes>/store-v2/``): ``nora-train --method
 nora`` trains ONE adapter on the benchmark's model (the random Llama of ``bench_serve.py``,
@@ -19,7 +20,9 @@ M = N rounded up to a multiple of 1024, started by ``nora_serve.server_process.S
 
 - disk: the store (the basis once + every adapter's files) against N ``format_version: 1``
   adapters (one ``nora-convert --export-native`` of ``a0``, measured, times N);
-- start: process start to ``/health`` 200;
+- start: process start to ``/health`` 200 (with ``--preload``: ``--nora-preload-store``, the store
+  is loaded before ``/health`` answers; ``nora:adapters_resident`` is read right then, and where it
+  counts all N the start is the time to all resident);
 - load: one request per adapter (8 random tokens in, 1 out), round-robin over ``a0..a{N-1}``, at
   ``--concurrency`` (16) in flight, each adapter loaded from the store by name on its first
   request; "resident" = start + the duration of that run (the time until the last first request
@@ -219,6 +222,8 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
                 "--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
                 "--max-loras", str(slots), "--max-cpu-loras", str(slots), "--max-lora-rank", str(RANK),
                 "--nora-dense-loras", "8", "--nora-max-bases", "2", "--nora-core-rank", str(RANK)]
+    if args.preload:
+        srv_args.append("--nora-preload-store")
     names = [f"a{j}" for j in range(n)]
     hdir = runs / "harness"
     res: dict = {"n": n, "max_loras": slots, "server_args": " ".join(srv_args)}
@@ -228,9 +233,18 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
     srv.__enter__()
     try:
         res["startup_s"] = round(srv.startup_s, 2)
-        res["cache_at_start"] = disk_bytes(cache)
-        res["cache_files_at_start"] = cache_bytes(cache)
-        print(f" up in {srv.startup_s:.1f} s", flush=True)
+        # With --preload the store is loaded before /health answers: what is resident then, and
+        # the server's own account of the two halves (conversion while the engine starts, then
+        # the workers' bulk load).
+        m0 = srv.metrics("nora:")
+        res["resident_at_start"] = _resident(m0)
+        res["metrics_at_start"] = m0
+        res["preload_log"] = _preload_log(srv.log)
+        res["cache_at_start"] = disk_bytes(cache) if not args.preload else [0, 0]
+        res["cache_files_at_start"] = cache_bytes(cache) if not args.preload else {
+            "own_bytes": 0, "linked_bytes": 0, "linked_files": 0}  # it was empty at start
+        print(f" up in {srv.startup_s:.1f} s; resident at /health {res['resident_at_start']}"
+              + (f"; {res['preload_log']}" if res["preload_log"] else ""), flush=True)
 
         def harness(name, flags):
             return run_harness(srv.url, str(model), flags, hdir, f"{tag}-{name}", env=env, timeout=args.timeout)
@@ -266,7 +280,11 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
         res["load_rate"] = _rates(samples)
         res["load"] = _pick(load)
         res["load_s"] = round(load["duration"], 2)
-        res["resident_s"] = round(srv.startup_s + load["duration"], 2)
+        # All N resident at /health (preloaded): the start is the time to all resident; else the
+        # last first request's answer is.
+        preloaded = sum(res["resident_at_start"].values()) >= n
+        res["all_resident_at_start"] = preloaded
+        res["resident_s"] = round(srv.startup_s if preloaded else srv.startup_s + load["duration"], 2)
         res["wall_to_loaded_incl_client_start_s"] = round(time.perf_counter() - t0, 2)
         res["cache_after_load"] = disk_bytes(cache)
         res["cache_files_after_load"] = cache_bytes(cache)
@@ -345,6 +363,15 @@ def outputs_differ(srv, model: Path, names: list[str]) -> dict:
     return {"texts": outs, "differ_from_base": differ, "of": len(outs) - 1}
 
 
+def _preload_log(log: Path) -> str | None:
+    """The server's line on --nora-preload-store (serving.preload_store), if any."""
+    try:
+        m = re.findall(r"nora: (preloaded \d+ store adapters.*)", log.read_text(errors="replace"))
+    except OSError:
+        return None
+    return m[-1].strip() if m else None
+
+
 def _storage_log(log: Path) -> str | None:
     try:
         m = re.findall(r"nora: adapter storage \(MiB\): (.*)", log.read_text(errors="replace"))
@@ -394,6 +421,8 @@ def report(disk: dict, runs: list[dict], n_big: int) -> str:
 
     row("--max-loras / --max-cpu-loras", lambda r: f"{r['max_loras']}")
     row("server start to /health (s)", lambda r: f"{r['startup_s']:.1f}")
+    row("resident at /health (nora:adapters_resident)",
+        lambda r: ", ".join(f"{k} {v}" for k, v in r["resident_at_start"].items()) or "0")
     row("N first requests, concurrency 16 (s)", lambda r: f"{r['load_s']:.1f}")
     row("**start to all N resident (s)**", lambda r: f"**{r['resident_s']:.1f}**")
     row("loading rate, first / last quarter of that run (adapters/s)",
@@ -455,6 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tput-requests", type=int, default=256, help="requests per throughput pass [256]")
     ap.add_argument("--passes", type=int, default=2, help="throughput passes (best counts) [2]")
     ap.add_argument("--inner-std", type=float, default=0.3, help="std of the copies' inner_A / inner_B [0.3]")
+    ap.add_argument("--preload", action="store_true",
+                    help="start each server with --nora-preload-store: the store is loaded before /health "
+                    "answers, and the first requests find their adapters resident")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--sample-s", type=float, default=10.0, help="/metrics sampling period during the load run [10]")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results under OUT/store/, the store under OUT/work/ [{DEFAULT_OUT}]")

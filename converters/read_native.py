@@ -67,6 +67,9 @@ def _merge_basis(groups: dict, basis: dict[str, torch.Tensor], spec, bfile: Path
             t[name] = basis[f"{module}.{key}"]
 
 
+_checked_bases: dict[tuple[str, str], set[str]] = {}  # (basis file, digest) -> modules found finite
+
+
 def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
     cfg_path = path / native.CONFIG_NAME
     cfg = read_json(cfg_path)
@@ -115,8 +118,12 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
     if cores_only:
         bfile, basis = load_shared_basis(path, cfg, opts.get("basis"))
         _merge_basis(groups, basis, spec, bfile)
-        for module in sorted(groups):
+        # A basis file's content is fixed by its digest (checked by load_shared_basis): its
+        # tensors are checked once per process, not once per adapter that names it.
+        checked = _checked_bases.setdefault((str(bfile), basis_digest(cfg, cfg_path)), set())
+        for module in sorted(set(groups) - checked):
             _check_tensors({k: basis[f"{module}.{k}"] for k in ("A", "B")}, bfile, module, disk)
+            checked.add(module)
     entries: dict[str, ModuleEntry] = {}
     for module in sorted(groups):
         t = groups[module]

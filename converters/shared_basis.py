@@ -84,9 +84,11 @@ def split_shared_basis(path: str | Path, basis: str | Path | None = None) -> Sha
     for module, t in sorted(per_module.items()):
         pair[f"{module}.A"] = t[a_name].contiguous()
         pair[f"{module}.B"] = t[b_name].contiguous()
-        cores[module] = spec.core({k: v.double() for k, v in t.items()}, scale).float()
+        # The core is the adapter's own tensors (the basis is not part of it: not converted here).
+        cores[module] = spec.core({k: v.double() for k, v in t.items() if k not in spec.shared}, scale).float()
     ranks = {c.shape[0] for c in cores.values()}
-    key = basis_key(pair)
     if bfile is not None:  # the whole file, whose content read_basis checked against the digest
         pair, key = dict(basis_t), cfg["shared_basis"]["digest"]
+    else:
+        key = basis_key(pair)
     return SharedBasisSplit(method, max(ranks), key, pair, cores, bfile)

@@ -272,3 +272,20 @@ def test_cpu_wrapper_scales_the_base_output_of_dora_rows():
     y = base.clone()
     w.add_nora_linear(y, x, cases.weights(lay))
     torch.testing.assert_close(y.double(), base.double() + cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)
+
+
+def test_slot_plan_fits_tells_a_placement_without_eviction():
+    """``SlotPlan.fits``: what a bulk load (--nora-preload-store) may activate without evicting."""
+    from nora_serve.serving.storage import BASIS, DENSE, EMPTY, SlotPlan
+
+    plan, slots = SlotPlan(8, 1, 1, 8, "cpu"), _Slots(8)
+    active = lambda: {i for i in slots.ids if i is not None}  # noqa: E731
+    assert plan.fits(_st(DENSE), active()) and plan.fits(_st(BASIS, "k1"), active())
+    slots.place(plan, 1, _st(DENSE))
+    slots.place(plan, 2, _st(BASIS, "k1"))
+    assert not plan.fits(_st(DENSE), active())  # the one dense index is held
+    assert plan.fits(_st(BASIS, "k1"), active())  # joins its basis's group
+    assert not plan.fits(_st(BASIS, "k2"), active())  # the one group is held by k1
+    assert plan.fits(_st(EMPTY), active())
+    slots.evict(2)
+    assert plan.fits(_st(BASIS, "k2"), active())  # the group has no active member left

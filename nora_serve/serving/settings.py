@@ -45,6 +45,9 @@ class NoraSettings:
     allow_runtime_loading: bool = False
     # CPU: keep vLLM's torch.compile on with LoRA (the LoRA work is an opaque op in the graph).
     compile: bool = True
+    # Load the store's adapters (up to --max-cpu-loras, by name) into the engine at start, so
+    # that their first request finds them resident (serving.py StorePreload).
+    preload_store: bool = False
 
     @property
     def shared_basis(self) -> bool:
@@ -86,7 +89,7 @@ class NoraSettings:
             return None
         known = {k: raw[k] for k in ("enabled", "adapter_dir", "cache_dir", "check_base",
                                      "dense_loras", "max_bases", "core_rank", "cache_max_gb", "compile",
-                                     "allow_runtime_loading") if k in raw}
+                                     "allow_runtime_loading", "preload_store") if k in raw}
         return cls(**known)
 
 

@@ -107,9 +107,9 @@ class SlotPlan:
         """Place adapter ``lora_id`` and return its activation; ``slot_fn()`` gives the slot it
         goes into, asked after any eviction (evicting may free a lower slot).
 
-        ``active``: adapter ids holding a slot now; ``batch``: ids the current step needs (None:
-        unknown); ``evict(lora_id)`` frees an active adapter's slot. Raises :class:`StorageFull`
-        when every dense index / basis group is needed by this step."""
+        ``active``: adapter ids holding a slot now (anything answering ``in``); ``batch``: ids the
+        current step needs (None: unknown); ``evict(lora_id)`` frees an active adapter's slot.
+        Raises :class:`StorageFull` when every dense index / basis group is needed by this step."""
         # An adapter holds at most one dense index or group membership: drop what it held
         # before (its earlier activation), so a stale claim can never count as "in use".
         previous_dense = self._forget(lora_id)
@@ -126,6 +126,19 @@ class SlotPlan:
         self.group_of_slot[slot] = group
         self.version += 1
         return Activation(slot, storage, dense, group)
+
+    def fits(self, storage: AdapterStorage, active) -> bool:
+        """Whether :meth:`assign` would place ``storage`` without evicting an active adapter (a
+        free dense index, or its basis's group or a free one): a bulk load activates only those."""
+        def has_live(members) -> bool:
+            return any(m in active for m in members)
+
+        if storage.kind == DENSE:
+            return any(owner is None or owner not in active for owner in self._dense_owner)
+        if storage.kind == BASIS:
+            return any(key == storage.basis_key or not has_live(members)
+                       for key, members in zip(self._group_key, self._group_members))
+        return True
 
     def _forget(self, lora_id: int) -> int:
         previous = -1
@@ -153,19 +166,26 @@ class SlotPlan:
             f"this step; raise --nora-dense-loras")
 
     def _group_for(self, storage, active, batch, evict) -> int:
-        live = [{m for m in members if m in active} for members in self._group_members]
+        # A group's members can be thousands of adapters: whether one of them is active is asked
+        # member by member until one is (not a set of them all per activation).
+        def has_live(g: int) -> bool:
+            return any(m in active for m in self._group_members[g])
+
+        def live(g: int) -> set[int]:
+            return {m for m in self._group_members[g] if m in active}
+
         for g, key in enumerate(self._group_key):
-            if key == storage.basis_key and live[g]:
+            if key == storage.basis_key and has_live(g):
                 return g
-        free = next((g for g in range(self.max_groups) if not live[g]), None)
+        free = next((g for g in range(self.max_groups) if not has_live(g)), None)
         if free is None:
             free = next((g for g in range(self.max_groups)
-                         if batch is None or not (live[g] & batch)), None)
+                         if batch is None or not (live(g) & batch)), None)
             if free is None:
                 raise StorageFull(
                     f"nora: all {self.max_groups} shared bases (--nora-max-bases) are used by this "
                     f"step; raise --nora-max-bases")
-            for m in sorted(live[free]):
+            for m in sorted(live(free)):
                 evict(m)
         self._group_key[free] = storage.basis_key
         self._group_members[free] = set()

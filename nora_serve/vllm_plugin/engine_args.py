@@ -43,6 +43,14 @@ def add_nora_cli_args(parser) -> None:
         "store (symlinks included) is ever read. Does not open /v1/load_lora_adapter.",
     )
     group.add_argument(
+        "--nora-preload-store", action="store_true", default=False,
+        help="At start, load every adapter of --nora-adapter-dir (by name, up to --max-cpu-loras; "
+        "converted into the cache while the engine starts, then read by the workers in bulk) so "
+        "that its first request finds it resident; /health answers once they are loaded. A "
+        "faulty adapter is skipped (its requests get their 400). Idle ones are still evicted "
+        "under --nora-cache-max-gb and resolved again on their next request.",
+    )
+    group.add_argument(
         "--nora-allow-runtime-loading", action="store_true", default=False,
         help="Open vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (as "
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 does): any client can then make the server read "
@@ -104,6 +112,18 @@ def apply_nora_cli_args(engine_args, args) -> NoraSettings | None:
             merged["cache_dir"] = os.path.abspath(args.nora_cache_dir)
         if getattr(args, "nora_skip_base_check", False):
             merged["check_base"] = False
+        if getattr(args, "nora_preload_store", False):
+            if not merged.get("adapter_dir"):
+                _refuse(2, "--nora-preload-store loads the adapter store: pass --nora-adapter-dir DIR")
+            ours = "nora_serve.vllm_plugin.worker.NoraWorkerExtension"
+            theirs = getattr(engine_args, "worker_extension_cls", "")
+            if theirs and theirs != ours:
+                _refuse(2, f"--nora-preload-store loads adapters through its own --worker-extension-cls; "
+                        f"it cannot be used with --worker-extension-cls {theirs}")
+            # The workers' bulk load (worker.NoraWorkerExtension.nora_preload_store), mixed into
+            # vLLM's worker class by vLLM's own extension point.
+            engine_args.worker_extension_cls = ours
+            merged["preload_store"] = True
         if getattr(args, "nora_allow_runtime_loading", False):
             merged["allow_runtime_loading"] = True
             servers = getattr(args, "api_server_count", None)

@@ -252,6 +252,7 @@ def install_worker(vllm_config) -> None:
     from nora_serve.serving.state import WorkerState
 
     state = _worker_state = WorkerState.from_vllm_config(vllm_config)
+    worker.NoraWorkerExtension.nora_state = state  # its collective_rpc methods (--nora-preload-store)
     orig_load = WorkerLoRAManager._load_adapter
 
     @functools.wraps(orig_load)
@@ -371,6 +372,7 @@ def install_front_end(settings, vllm_config) -> None:
     front.bind(vllm_config)
     if front.store is not None and LoRAResolverRegistry.resolvers.get(STORE_RESOLVER) is not front.store:
         LoRAResolverRegistry.register_resolver(STORE_RESOLVER, front.store)
+    front.start_preload()  # --nora-preload-store: converting while the engine starts
     if not _once("front_end"):
         return
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -379,6 +381,7 @@ def install_front_end(settings, vllm_config) -> None:
     orig_load = OpenAIServingModels.load_lora_adapter
     orig_show = OpenAIServingModels.show_available_models
     orig_check = BaseServing._check_model
+    orig_static = OpenAIServingModels.init_static_loras
 
     @functools.wraps(orig_load)
     async def load_lora_adapter(self, request, base_model_name=None):
@@ -392,8 +395,16 @@ def install_front_end(settings, vllm_config) -> None:
     async def _check_model(self, request):
         return await serving.check_model(front, self, orig_check, request)
 
+    @functools.wraps(orig_static)
+    async def init_static_loras(self):
+        # After --lora-modules (they keep their names): the store preloaded, if asked for,
+        # before the server answers its first request.
+        await orig_static(self)
+        await serving.preload_store(front, self)
+
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.show_available_models = show_available_models
+    OpenAIServingModels.init_static_loras = init_static_loras
     BaseServing._check_model = _check_model
     _install_inflight(front)
     _install_lora_metrics(front)

@@ -112,6 +112,8 @@ class FrontEnd:
         self.inflight: Counter[str] = Counter()  # adapter name -> requests in the engine
         self.seen: dict[str, float] = {}  # adapter name -> last request naming it (monotonic)
         self.resolved: dict[str, Ticket] = {}  # store name -> its ticket, while resolving
+        self.max_cpu_loras: int | None = None
+        self.preload: StorePreload | None = None  # --nora-preload-store: the store's pass
         self._lock = threading.Lock()  # pending, inflight and served are read from the eviction thread
 
     def configure(self, settings: NoraSettings) -> None:
@@ -133,6 +135,17 @@ class FrontEnd:
         self.model = getattr(vllm_config.model_config, "model", None)
         lora = getattr(vllm_config, "lora_config", None)
         self.max_rank = lora.max_lora_rank if lora is not None else None
+        self.max_cpu_loras = getattr(lora, "max_cpu_loras", None) if lora is not None else None
+
+    def start_preload(self) -> None:
+        """``--nora-preload-store``: convert the store's adapters into the cache now, in a thread,
+        while the engine starts (:class:`StorePreload`); :func:`preload_store` hands them to the
+        engine once it runs. Once per process."""
+        s = self.settings
+        if s is None or not s.preload_store or self.store is None or self.preload is not None:
+            return
+        self.preload = StorePreload(self, self.max_cpu_loras)
+        self.preload.start()
 
     @property
     def enabled(self) -> bool:
@@ -272,6 +285,120 @@ class FrontEnd:
             for p in {str(Path(root)), str(Path(root).resolve())}:
                 msg = msg.replace(p + "/", "").replace(p, name)
         return msg
+
+
+# --nora-preload-store: adapters handed to the workers per engine call (the engine serves nothing
+# else during one; at start it serves nothing yet), and the workers' method that loads them
+# (worker.NoraWorkerExtension, mixed into vLLM's worker class through --worker-extension-cls).
+PRELOAD_CHUNK = 512
+WORKER_PRELOAD = "nora_preload_store"
+
+
+class StorePreload:
+    """``--nora-preload-store``, its first half: every adapter of the store converted (or found)
+    in the cache in one pass, in a thread started while the engine starts (compiling the model
+    takes a minute; the conversion overlaps it). Names are taken in sorted order until ``limit``
+    (``--max-cpu-loras``) adapters are ready; a name that is no adapter is skipped, one the
+    conversion refuses is logged and skipped (its requests get their 400, as without preload).
+    Each ticket's entry stays pinned (kept from eviction) until :func:`preload_store` settles it."""
+
+    def __init__(self, front: "FrontEnd", limit: int | None):
+        self.front = front
+        self.limit = limit
+        self.tickets: list[tuple[str, Ticket]] = []
+        self.refused = 0
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="nora-preload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        store = self.front.store
+        try:
+            names = sorted(os.listdir(store.adapter_dir))
+        except OSError as e:
+            logger.error("nora: cannot preload the store %s: %s", store.adapter_dir, e)
+            return
+        try:
+            for name in names:
+                if self.limit is not None and len(self.tickets) >= self.limit:
+                    break
+                p = store.path_for(name)
+                if p is None:
+                    continue
+                try:
+                    ticket = self.front._prepare_blocking(str(p))
+                except CacheUnavailable as e:
+                    logger.error("nora: preloading the store stopped: %s", e)
+                    break
+                except (FileNotFoundError, PermissionError):
+                    continue  # not an adapter (e.g. the store's bases/)
+                except Exception as e:  # the adapter's fault: its own requests get the 400
+                    self.refused += 1
+                    logger.warning("nora: store adapter %s not preloaded: %s", name,
+                                   self.front._relative(str(e), str(p)))
+                    continue
+                self.tickets.append((name, ticket))
+        except Exception as e:  # never the server's start
+            logger.error("nora: preloading the store stopped: %s", e)
+        self.seconds = time.perf_counter() - t0
+        logger.info("nora: store %s: %d adapters ready in the cache for preloading (%d refused) in %.1f s",
+                    store.adapter_dir, len(self.tickets), self.refused, self.seconds)
+
+
+async def preload_store(front: FrontEnd, models) -> None:
+    """``--nora-preload-store``, its second half, once the engine runs (from
+    ``OpenAIServingModels.init_static_loras``, before the server answers): the adapters of the
+    pass (:class:`StorePreload`) loaded by every worker in bulk (a few engine calls of
+    ``PRELOAD_CHUNK`` each, no request step in between), then known to this API server as
+    resolved store adapters, under the ids of their cache keys. Their first request is then a
+    resident one. An adapter a worker refuses is left to its first request (which answers its
+    400); a failing engine call ends the preload, not the server."""
+    pre = front.preload
+    if pre is None or not front.enabled:
+        return
+    await asyncio.to_thread(pre.join)
+    tickets, pre.tickets = pre.tickets, []
+    t0 = time.perf_counter()
+    loaded = failed = 0
+    try:
+        todo = [(name, t) for name, t in tickets if name not in models.lora_requests]  # --lora-modules win
+        for i in range(0, len(todo), PRELOAD_CHUNK):
+            chunk = todo[i:i + PRELOAD_CHUNK]
+            entries = [(name, t.lora_id, t.prepared.path) for name, t in chunk]
+            try:
+                replies = await models.engine_client.collective_rpc(WORKER_PRELOAD, args=(entries,))
+            except Exception as e:  # the rest load on their first request, as without preload
+                logger.error("nora: preloading the store stopped in the engine: %s", e)
+                break
+            errors: dict[str, str] = {}
+            for reply in replies:  # one per worker: loaded only where every worker loaded it
+                for name, err in reply:
+                    if err and name not in errors:
+                        errors[name] = err
+            for name, t in chunk:
+                if name in errors:
+                    failed += 1
+                    logger.warning("nora: store adapter %s not preloaded: %s", name, errors[name])
+                    continue
+                models.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=t.lora_id,
+                                                         lora_path=t.prepared.source)
+                front.register(name, t, from_store=True)
+                loaded += 1
+    finally:
+        for _, t in tickets:
+            front._unpin(t.prepared.key)
+    removed = await asyncio.to_thread(front.enforce_cache_limit)
+    if removed:
+        front.forget_evicted(models, removed)
+    logger.info("nora: preloaded %d store adapters (%d refused by the conversion, %d by the engine): "
+                "cache ready in %.1f s (while the engine started), engine load %.1f s",
+                loaded, pre.refused, failed, pre.seconds, time.perf_counter() - t0)
 
 
 class NoraStoreResolver(LoRAResolver):

@@ -100,7 +100,9 @@ TABLE: tuple[Name, ...] = tuple(
                 ("additional_config", "carries the nora settings to every process"),
                 ("enable_lora", "nora on switches LoRA on"),
                 ("max_loras", "nora's default slot count"), ("max_lora_rank", "nora's default rank"),
-                ("max_cpu_loras", "nora's default CPU cache"))])
+                ("max_cpu_loras", "nora's default CPU cache"),
+                ("worker_extension_cls", "--nora-preload-store: vLLM mixes worker.NoraWorkerExtension "
+                 "(the workers' bulk load, a collective_rpc method) into its worker class"))])
     + _rows("vllm.config.lora", "read",
             ("LoRAConfig", "vLLM's defaults, to tell the sizes a user left alone"),
             ("LoRAConfig.max_loras", "its default"), ("LoRAConfig.max_lora_rank", "its default"),
@@ -248,7 +250,9 @@ TABLE: tuple[Name, ...] = tuple(
     # -- API server -----------------------------------------------------------------------------
     + _rows(_MODELS, "wrap",
             ("OpenAIServingModels.load_lora_adapter", "converts and checks before vLLM sees it"),
-            ("OpenAIServingModels.show_available_models", "no server path in /v1/models"))
+            ("OpenAIServingModels.show_available_models", "no server path in /v1/models"),
+            ("OpenAIServingModels.init_static_loras", "then --nora-preload-store loads the store, "
+             "before the server answers"))
     + _rows(_MODELS, "read",
             ("OpenAIServingModels.resolve_lora", "asks the resolvers (the store among them)"),
             ("OpenAIServingModels.lora_requests", "adapters the server knows", True))

@@ -174,18 +174,75 @@ def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -
     if plan is None or lora_id in adapter_manager._active_adapters:
         return orig_activate(adapter_manager, lora_id)
 
-    def first_free_slot():  # the slot vLLM's activate_adapter will take
-        return next((i for i, x in enumerate(adapter_manager.lora_index_to_id) if x is None), None)
+    slots = adapter_manager.lora_index_to_id
+
+    def first_free_slot():  # the slot vLLM's activate_adapter will take (list.index: no Python loop)
+        try:
+            return slots.index(None)
+        except ValueError:
+            return None
 
     if first_free_slot() is None:
         return orig_activate(adapter_manager, lora_id)  # vLLM raises its own error
     st = state.adapter_storage.get(lora_id) or AdapterStorage(
         DENSE, rank=state.adapter_ranks.get(lora_id, UNKNOWN_RANK))
-    active = {i for i in adapter_manager.lora_index_to_id if i is not None}
-    act = plan.assign(lora_id, first_free_slot, st, active, state.step_adapters,
+    # The adapters holding a slot: vLLM's own table of them (a set built from every slot here
+    # cost O(--max-loras) per activation, quadratic over thousands of loads).
+    act = plan.assign(lora_id, first_free_slot, st, adapter_manager._active_adapters, state.step_adapters,
                       adapter_manager.deactivate_adapter)
     state.activation = act
     try:
         return orig_activate(adapter_manager, lora_id)
     finally:
         state.activation = None
+
+
+# -- --nora-preload-store ----------------------------------------------------------------------
+def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
+    """Load the store's adapters in bulk (``serving.preload_store`` sends ``entries``: name,
+    id, cache entry path): each is read as on a first request (``_load_adapter``, through the
+    cache, as cores), added to vLLM's LRU cache of adapters and put in a free slot while there
+    is one, as vLLM's ``add_lora`` does, without its per-adapter engine call and its scan of every
+    registered adapter. Nothing is evicted for it: once ``--max-cpu-loras`` adapters are held,
+    the rest are left to their first request, and an adapter whose slot storage (a dense index,
+    a basis group) is taken stays resident without a slot until a step needs it. ``(name,
+    error)`` per entry, error ``""`` when it is resident; an adapter that fails is that adapter's
+    error, never the engine's."""
+    from vllm.lora.request import LoRARequest
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    out: list[tuple[str, str]] = []
+    for name, lid, path in entries:
+        try:
+            if lid not in adapters._registered_adapters:
+                if len(adapters) >= adapters.capacity:
+                    out.append((name, f"the workers hold --max-cpu-loras {adapters.capacity} adapters already"))
+                    continue
+                model = manager._load_adapter(LoRARequest(lora_name=name, lora_int_id=int(lid), lora_path=path))
+                adapters.add_adapter(model)
+            # A slot while one is free and its storage fits without evicting another adapter
+            # (a step that needs it places it otherwise, as for any resident adapter).
+            st = state.adapter_storage.get(lid)
+            if (lid not in adapters._active_adapters and len(adapters._active_adapters) < adapters.lora_slots
+                    and (state.plan is None or st is None or state.plan.fits(st, adapters._active_adapters))):
+                adapters.activate_adapter(lid)
+            out.append((name, ""))
+        except Exception as e:  # this adapter's fault: it is left to its first request
+            out.append((name, " ".join(str(e).split())[:500] or type(e).__name__))
+    report_residency(state, adapters)
+    return out
+
+
+class NoraWorkerExtension:
+    """Mixed into vLLM's worker class by vLLM itself (``--worker-extension-cls``, set by
+    ``--nora-preload-store``): the workers' ``collective_rpc`` methods of the plugin.
+    ``nora_state``: the worker's state, given by ``hooks.install_worker``."""
+
+    nora_state: WorkerState | None = None
+
+    def nora_preload_store(self, entries):
+        state = NoraWorkerExtension.nora_state
+        if state is None or state.settings is None:
+            return [(name, "nora is not on in this worker") for name, _, _ in entries]
+        return preload(state, self, entries)
