@@ -20,9 +20,10 @@ vLLM's ``ServeSubcommand`` (``nora_serve/cli/serve.py``); the ``from_cli_args`` 
 writes nora's decisions back into vLLM's ``args``, which the API server processes of
 ``--api-server-count N`` read before they load any plugin.
 
-Per-process state lives in one object each: ``WorkerState`` (``state.py``, handed to the
-punica wrapper's constructor, the layer classes and the worker wrappers) and ``FrontEnd`` (``serving.py``, handed to the API-server wrappers
-and the store resolver); the scheduler's per-step caps are kept by scheduler, not on it.
+Per-process state lives in one object each: ``WorkerState`` (``nora_serve/serving/state.py``,
+handed to the punica wrapper's constructor, the layer classes and the worker wrappers) and
+``FrontEnd`` (``vllm_plugin/serving.py``, handed to the API-server wrappers and the store
+resolver); the scheduler's per-step caps are kept by scheduler, not on it.
 
 Everything is installed here, up front or from this module's own wrappers (nothing it calls
 reaches back up): ``register()`` installs the engine-args, platform, compile and scheduler
@@ -179,7 +180,7 @@ def install_compile_hook() -> None:
 
 
 def install_scheduler_hooks() -> None:
-    """Engine core: keep each step within the dense-slot and basis caps (``scheduling.py``)."""
+    """Engine core: keep each step within the dense-slot and basis caps (``serving/scheduling.py``)."""
     if not _once("scheduler"):
         return
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -433,7 +434,7 @@ def _install_inflight(front) -> None:
 def _install_lora_metrics(front) -> None:
     """vLLM's ``vllm:lora_requests_info`` carries the names of the running and waiting adapters
     as one label value, a new series for every combination ever seen. With nora on, it is not
-    set; counts with a fixed set of series are (metrics.py ``lora_requests``)."""
+    set; counts with a fixed set of series are (``serving/metrics.py`` ``lora_requests``)."""
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     from nora_serve.serving import metrics
