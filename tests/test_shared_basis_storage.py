@@ -289,3 +289,37 @@ def test_slot_plan_fits_tells_a_placement_without_eviction():
     assert plan.fits(_st(EMPTY), active())
     slots.evict(2)
     assert plan.fits(_st(BASIS, "k2"), active())  # the group has no active member left
+
+
+def test_step_limits_available_checks_again_only_what_changed(shared, tmp_path, monkeypatch):
+    """``StepLimits.available`` (asked for every waiting request at every step): after a found
+    entry only a stat of it and of the adapter's files; an entry removed or an adapter changed
+    is looked up (and prepared) again, an adapter gone is a refusal."""
+    import shutil
+
+    from vllm.lora.request import LoRARequest
+
+    from nora_serve.serving import scheduling
+    from nora_serve.serving.scheduling import StepLimits
+    from nora_serve.serving.settings import NoraSettings
+
+    cache, src = tmp_path / "cache", tmp_path / "a"
+    shutil.copytree(shared["nora_a"], src)
+    if not (src.parent / "bases").exists():
+        shutil.copytree(shared["nora_a"].parent / "bases", src.parent / "bases")
+    limits = StepLimits(NoraSettings(cache_dir=str(cache)), max_loras=8)
+    req = LoRARequest("a", 7, str(src))
+    lookups = []
+    real = scheduling.lookup_entry
+    monkeypatch.setattr(scheduling, "lookup_entry", lambda *a, **kw: lookups.append(1) or real(*a, **kw))
+    assert limits.available(req) and len(lookups) == 1  # prepared into the cache
+    assert limits.available(req) and limits.available(req) and len(lookups) == 1
+    for entry in cache.iterdir():  # an eviction / an operator removes the entry
+        if entry.name not in ("bases", "ids"):
+            shutil.rmtree(entry)
+    assert limits.available(req) and len(lookups) == 2  # prepared again
+    cfg = src / "adapter_config.json"
+    cfg.write_text(cfg.read_text() + "\n")  # the adapter changed
+    assert limits.available(req) and len(lookups) == 3
+    shutil.rmtree(src)  # the adapter is gone: its request fails
+    assert not limits.available(req)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import metrics
 from .cache.build import prepare_adapter
-from .cache.keys import ADAPTER_SUBDIR
+from .cache.keys import ADAPTER_SUBDIR, MARKER
 from .cache.trust import lookup_entry, shared_basis_entry
 from .log import logger
 
@@ -32,6 +32,25 @@ def adapter_kind(settings, lora_config, path: str):
     return entry if entry is not None and settings.keeps_as_cores(entry.rank) else None
 
 
+def _files_signature(path: str) -> tuple | None:
+    """(relative name, size, mtime) of every file below ``path``, hidden ones excluded (the
+    files the content key is computed from); ``None`` when it cannot be read."""
+    import os
+
+    out = []
+    try:
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue
+                st = os.stat(os.path.join(root, f))
+                out.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    return tuple(out)
+
+
 class StepLimits:
     def __init__(self, settings, max_loras: int, lora_config=None, model_dir: str | None = None):
         metrics.declare()
@@ -44,6 +63,8 @@ class StepLimits:
         self.model = model_dir
         # (lora_int_id, path) -> basis key, None = dense
         self._kinds: dict[tuple[int, str], str | None] = {}
+        # (lora_int_id, path) -> (its cache entry, the adapter's files' signature): available()
+        self._available: dict[tuple[int, str], tuple[Path, tuple | None]] = {}
         self.dense: set[int] = set()
         self.bases: set[str] = set()
 
@@ -67,20 +88,35 @@ class StepLimits:
         """Whether the adapter's files can be read for the worker: its cache entry is there, or
         is prepared again from the adapter's own directory now (an eviction, another API server
         or an operator may have removed it). ``False``: it cannot (its directory is gone or
-        unreadable); that request fails, never the engine."""
+        unreadable); that request fails, never the engine.
+
+        Asked for every waiting request at every step: once an entry was found, later calls
+        only check that it is still there and that the adapter's own files are unchanged (names,
+        sizes, mtimes), not its content key and digest again (a few ms each, on the engine
+        core's one thread)."""
         path = str(lora_request.lora_path)
+        memo_key = (lora_request.lora_int_id, path)
+        seen = self._available.get(memo_key)
+        if seen is not None and (seen[0] / MARKER).is_file() and _files_signature(path) == seen[1]:
+            return True
         cache_dir = self.settings.cache_path
         max_rank = getattr(self.lora_config, "max_lora_rank", None)
-        if lookup_entry(path, base=self.base, cache_dir=cache_dir, max_rank=max_rank) is not None:
-            return True
-        try:
-            prepare_adapter(path, base=self.base, max_rank=max_rank, cache_dir=cache_dir,
-                            served_model=self.model)
-            return True
-        except Exception as e:
-            logger.error("nora: adapter %s cannot be loaded, its request fails: %s",
-                         lora_request.lora_name, e)
-            return False
+        signature = _files_signature(path)
+        entry = lookup_entry(path, base=self.base, cache_dir=cache_dir, max_rank=max_rank)
+        if entry is None:
+            try:
+                prepared = prepare_adapter(path, base=self.base, max_rank=max_rank, cache_dir=cache_dir,
+                                           served_model=self.model)
+            except Exception as e:
+                self._available.pop(memo_key, None)
+                logger.error("nora: adapter %s cannot be loaded, its request fails: %s",
+                             lora_request.lora_name, e)
+                return False
+            entry = Path(prepared.path).parent
+        if len(self._available) > 65536:
+            self._available.clear()
+        self._available[memo_key] = (Path(entry), signature)
+        return True
 
     def start_step(self, running) -> None:
         self.dense, self.bases = set(), set()
