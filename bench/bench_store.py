@@ -210,9 +210,26 @@ def _spread(names: list[str], k: int) -> list[str]:
     return [names[(i * len(names)) // k] for i in range(k)]
 
 
+def store_of_n(store: Path, n: int, root: Path) -> Path:
+    """A store holding exactly ``a0 .. a{n-1}`` (and the basis): hard links into ``store``, no
+    bytes copied. With --preload a server loads its store up to --max-cpu-loras in name order,
+    so the N = 1,024 server must not see the other adapters of the 10,000."""
+    view = root / f"store-v2-n{n}"
+    if (view / f"a{n - 1}" / "adapter_model.safetensors").is_file() and not (view / f"a{n}").exists():
+        return view
+    shutil.rmtree(view, ignore_errors=True)
+    for d in ["bases"] + [f"a{j}" for j in range(n)]:
+        (view / d).mkdir(parents=True)
+        for f in (store / d).iterdir():
+            os.link(f, view / d / f.name)
+    return view
+
+
 def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict:
     from nora_serve.server_process import ServerProcess
 
+    if args.preload and (store / f"a{n}").exists():
+        store = store_of_n(store, n, store.parent)
     tag = f"n{n}"
     cache = runs / f"cache-{tag}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -226,7 +243,7 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
         srv_args.append("--nora-preload-store")
     names = [f"a{j}" for j in range(n)]
     hdir = runs / "harness"
-    res: dict = {"n": n, "max_loras": slots, "server_args": " ".join(srv_args)}
+    res: dict = {"n": n, "max_loras": slots, "server_args": " ".join(srv_args), "store": str(store)}
     print(f"[store] N={n}: starting nora-serve (--max-loras {slots}) ...", end="", flush=True)
     t0 = time.perf_counter()
     srv = ServerProcess(model, srv_args, env=env, startup_timeout=args.timeout, log=runs / f"server-{tag}.log")
@@ -426,7 +443,8 @@ def report(disk: dict, runs: list[dict], n_big: int) -> str:
     row("N first requests, concurrency 16 (s)", lambda r: f"{r['load_s']:.1f}")
     row("**start to all N resident (s)**", lambda r: f"**{r['resident_s']:.1f}**")
     row("loading rate, first / last quarter of that run (adapters/s)",
-        lambda r: f"{r['load_rate']['first_quarter_per_s']} / {r['load_rate']['last_quarter_per_s']}")
+        lambda r: "– (all resident at /health)" if r.get("all_resident_at_start") else
+        f"{r['load_rate']['first_quarter_per_s']} / {r['load_rate']['last_quarter_per_s']}")
     row("resident after (nora:adapters_resident)", lambda r: ", ".join(f"{k} {v}" for k, v in r["resident_after_load"].items()) or "0")
     row("failed requests (load)", lambda r: f"{r['load']['failed']}")
     row("cache added, all files (MB)", lambda r: f"{(r['cache_after_load'][0] - r['cache_at_start'][0]) / mb:.1f}")
