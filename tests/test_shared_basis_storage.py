@@ -314,6 +314,7 @@ def test_step_limits_available_checks_again_only_what_changed(shared, tmp_path, 
     monkeypatch.setattr(scheduling, "lookup_entry", lambda *a, **kw: lookups.append(1) or real(*a, **kw))
     assert limits.available(req) and len(lookups) == 1  # prepared into the cache
     assert limits.available(req) and limits.available(req) and len(lookups) == 1
+    assert limits.kind(req) is not None and len(lookups) == 1  # the scheduler's kind: the same entry
     for entry in cache.iterdir():  # an eviction / an operator removes the entry
         if entry.name not in ("bases", "ids"):
             shutil.rmtree(entry)

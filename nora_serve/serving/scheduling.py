@@ -75,8 +75,10 @@ class StepLimits:
                 self._kinds.clear()
             path = str(lora_request.lora_path)
             if self.settings.shared_basis_for(self.lora_config):
-                found = lookup_entry(path, base=self.base, cache_dir=self.settings.cache_path,
-                                     max_rank=getattr(self.lora_config, "max_lora_rank", None))
+                seen = self._available.get(k)  # found by available() a moment ago: not looked up twice
+                found = seen[0] if seen is not None and (seen[0] / MARKER).is_file() else lookup_entry(
+                    path, base=self.base, cache_dir=self.settings.cache_path,
+                    max_rank=getattr(self.lora_config, "max_lora_rank", None))
                 if found is None:
                     return UNKNOWN  # asked again next step, once the worker has converted it
                 path = str(found / ADAPTER_SUBDIR)
