@@ -99,6 +99,40 @@ def test_packed_and_stacked_match_reference(dtype, mode):
     cpu_step.stacked_lora_linear(y, x, stack, slot.long())
     _close(y, want, dtype)
     assert torch.equal(y[slot < 0], y0[slot < 0])
+    if mode == "seg":
+        # Only the rows with a slot, gathered and added back (a mixed step's dense rows), with
+        # the column mask built once for them (the step's cache) or from the whole table.
+        assert route.idx.numel() < slot.numel()
+        keep = cpu_step.stack_keep(stack, slot.long().index_select(0, route.idx))
+        for kw in ({"keep": keep}, {"table": slot.long()}):
+            y = y0.clone()
+            cpu_step.stacked_lora_linear(y, x, stack, rows=route.idx, **kw)
+            _close(y, want, dtype)
+            assert torch.equal(y[slot < 0], y0[slot < 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_expand_block_by_block(dtype):
+    """A prefill-sized step (at least ``BLOCK_EXPAND_ROWS`` rows, one adapter): the packed
+    expand runs slice block by slice block; the same delta as the reference, an empty middle
+    slice's columns untouched."""
+    T, L, d_outs = cpu_step.BLOCK_EXPAND_ROWS + 44, 3, [256, 64, 96]
+    slot, x, a, b, _ = kc.lora_case(T, L, 16, 256, d_outs, [0] * L, dtype, seed=21)
+    slot[:] = 2
+    ranks = torch.tensor([[16, 3, 9], [0, 8, 0], [4, 16, 12]], dtype=torch.int32)
+    for i, t in enumerate(a):  # zero past each rank, as vLLM stores them
+        for s_, r in enumerate(ranks[i].tolist()):
+            t[s_, :, r:] = 0
+            b[i][s_, :, :, r:] = 0
+    packed = _packed(a, b, ranks, d_outs)
+    assert len(packed[2].blocks) == 2
+    route = cpu_step.build_route(slot)
+    assert route.mode == cpu_step.ALL
+    y0 = torch.randn(T, sum(d_outs)).to(dtype)
+    y = y0.clone()
+    cpu_step.packed_lora_linear(y, x, packed, route, scale=0.5)
+    _close(y, ref.ref_lora_linear(y0, x, a, b, slot, ranks, 0.5), dtype)
+    assert torch.equal(y[:, 256:320], y0[:, 256:320])
 
 
 def test_reads_nothing_past_rank():
@@ -210,11 +244,12 @@ def test_shared_basis_real_sizes(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_shared_basis_matches_per_slice(dtype):
+@pytest.mark.parametrize("T", [20, cpu_step.BLOCK_EXPAND_ROWS + 12])
+def test_packed_shared_basis_matches_per_slice(dtype, T):
     """All slices of a layer in one GEMM pair (``packed_shared_basis_linear``) = each slice on
-    its own against the reference."""
+    its own against the reference; at prefill sizes the expand runs block by block."""
     g = torch.Generator().manual_seed(2)
-    L, T, R, d_in, d_outs = 6, 20, 16, 512, [512, 128, 128]
+    L, R, d_in, d_outs = 6, 16, 512, [512, 128, 128]
     slot = torch.randint(-1, L, (T,), generator=g, dtype=torch.int32)
     x = torch.randn(T, d_in, generator=g).to(dtype)
     parts, cores, refs = [], [], []

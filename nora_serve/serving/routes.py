@@ -40,6 +40,7 @@ class Step:
         self._tables: dict[str, torch.Tensor] = {}
         self._groups: list | None = None
         self._firsts: dict[int, Step] = {}
+        self._keeps: dict[tuple, torch.Tensor] = {}
         self.dense_ranks = plan.dense_ranks.tolist() if plan is not None else []
 
     def first(self, n: int) -> "Step":
@@ -63,6 +64,25 @@ class Step:
         if tag not in self._routes:
             self._routes[tag] = cpu_step.build_route(self.table(tag))
         return self._routes[tag]
+
+    def dense_rows(self) -> torch.Tensor | None:
+        """The rows with a dense slot, in the dense route's order; ``None`` when every row has
+        one (the stacked op then runs on the rows as they are, nothing gathered)."""
+        route = self.route("dense")
+        if route.mode != cpu_step.SEG or route.idx.numel() == self.rows:
+            return None
+        return route.idx
+
+    def stack_keep(self, stack: cpu_step.Stack) -> torch.Tensor:
+        """Which columns of ``stack`` each dense row keeps (``cpu_step.stack_keep``), for the
+        rows of :meth:`dense_rows`: once per step and column layout, shared by every layer
+        whose stack has that layout."""
+        keep = self._keeps.get(stack.key)
+        if keep is None:
+            rows, table = self.dense_rows(), self.table("dense")
+            keep = self._keeps[stack.key] = cpu_step.stack_keep(
+                stack, table if rows is None else table.index_select(0, rows))
+        return keep
 
     def groups(self) -> list:
         if self._groups is None:

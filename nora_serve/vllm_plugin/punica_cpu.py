@@ -82,7 +82,7 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
         stack = w.dense_stack() if packed and dense.mode == cpu_step.SEG else None
         if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
                 and all(w.dense_finite[s] for s in dense.slots)):
-            cpu_step.stacked_lora_linear(y, x, stack, step.table("dense"))
+            cpu_step.stacked_lora_linear(y, x, stack, keep=step.stack_keep(stack), rows=step.dense_rows())
         elif packed:
             cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
         else:
