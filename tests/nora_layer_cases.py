@@ -84,6 +84,25 @@ def build(dtype=torch.float32, device="cpu", seed=0):
     return lay, plan, want
 
 
+def pack_like_layers(lay, stacked: bool = True):
+    """Slice-pack ``lay``'s dense slots and bases as ``layers.py`` does on the CPU (the server's
+    path: dense index d up to its rank, group g up to its basis rank); the per-slice tensors stay
+    as they are. ``stacked``: the dense slots also side by side in one stack."""
+    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
+
+    lay.nora_cpu = True
+    lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
+                                         [b[d, 0] for b in lay.lora_b_stacked], SLICES)
+                             for d in range(2)]
+    lay.nora_packed_basis = [pack_slices([a[g] for a in lay.nora_basis_a],
+                                         [b[g] for b in lay.nora_basis_b], SLICES)
+                             for g in range(2)]
+    lay.nora_dense_finite = [True, True]
+    stack = stack_packed(lay.nora_packed_dense) if stacked else None
+    lay.nora_dense_stack = lambda: stack
+    return lay
+
+
 def weights(lay):
     """The ``LayerWeights`` the layer hands the punica wrapper, from the layer above as it is now,
     registered for the CPU wrapper's ops as ``layers.py`` registers its own."""

@@ -45,26 +45,6 @@ def test_logits_lora_only_where_a_slot_has_weights(route_mode):
     assert not w._any_live(b, [0]) and w._any_live(b, [1])
 
 
-def _packed(lay):
-    """Slice-pack ``lay``'s dense slots and bases as ``layers.py`` does on the CPU (the server's
-    path); the per-slice tensors stay as they are."""
-    import nora_layer_cases as cases
-
-    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
-
-    lay.nora_cpu = True
-    lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
-                                         [b[d, 0] for b in lay.lora_b_stacked], cases.SLICES)
-                             for d in range(2)]
-    lay.nora_packed_basis = [pack_slices([a[g] for a in lay.nora_basis_a],
-                                         [b[g] for b in lay.nora_basis_b], cases.SLICES)
-                             for g in range(2)]
-    lay.nora_dense_finite = [True, True]
-    stack = stack_packed(lay.nora_packed_dense)
-    lay.nora_dense_stack = lambda: stack
-    return lay
-
-
 def _layer_case():
     """(wrapper, layer weights registered for the compiled graph's op, a layer forward as vLLM
     calls it: our shared-basis layer's ``_apply_lora_to_output`` on a stand-in layer)."""
@@ -77,7 +57,7 @@ def _layer_case():
 
     lay, plan, want = cases.build()
     w = NoraPunicaWrapperCPU(64, 16, "cpu")
-    lw = cases.weights(_packed(lay))  # registered for the op, as layers.py registers its own
+    lw = cases.weights(cases.pack_like_layers(lay))  # registered for the op, as layers.py registers its own
     layer = SimpleNamespace(punica_wrapper=w, nora=lw)
 
     def layer_forward(x):

@@ -223,20 +223,9 @@ def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
     per slice and slice-packed as the layers keep them on the CPU."""
     import nora_layer_cases as cases
 
-    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
-
     lay, plan, want = cases.build()
-    if packed != "no":  # as layers.py packs them (dense index d up to its rank, group g up to its basis rank)
-        lay.nora_cpu = True
-        lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
-                                             [b[d, 0] for b in lay.lora_b_stacked], cases.SLICES)
-                                 for d in range(2)]
-        lay.nora_packed_basis = [pack_slices([a[g] for a in lay.nora_basis_a],
-                                             [b[g] for b in lay.nora_basis_b], cases.SLICES)
-                                 for g in range(2)]
-        lay.nora_dense_finite = [True, True]
-        stack = stack_packed(lay.nora_packed_dense) if packed == "stacked" else None
-        lay.nora_dense_stack = lambda: stack
+    if packed != "no":  # as layers.py packs them
+        cases.pack_like_layers(lay, stacked=packed == "stacked")
     w, rows, x, base = _cpu_wrapper_case()
     y = base.clone()
     w.add_nora_linear(y, x, cases.weights(lay))
