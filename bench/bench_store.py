@@ -256,7 +256,8 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
         m0 = srv.metrics("nora:")
         res["resident_at_start"] = _resident(m0)
         res["metrics_at_start"] = m0
-        res["preload_log"] = _preload_log(srv.log)
+        # The server's line on --nora-preload-store (serving.preload_store).
+        res["preload_log"] = _last_log_line(srv.log, r"nora: (preloaded \d+ store adapters.*)")
         res["cache_at_start"] = disk_bytes(cache) if not args.preload else [0, 0]
         res["cache_files_at_start"] = cache_bytes(cache) if not args.preload else {
             "own_bytes": 0, "linked_bytes": 0, "linked_files": 0}  # it was empty at start
@@ -339,7 +340,7 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
         res["metrics_at_end"] = m
         res["cache_at_end"] = disk_bytes(cache)
         res["outputs_differ"] = outputs_differ(srv, model, names)
-        res["storage_log"] = _storage_log(srv.log)
+        res["storage_log"] = _last_log_line(srv.log, r"nora: adapter storage \(MiB\): (.*)")
     finally:
         srv.__exit__()
     return res
@@ -380,18 +381,10 @@ def outputs_differ(srv, model: Path, names: list[str]) -> dict:
     return {"texts": outs, "differ_from_base": differ, "of": len(outs) - 1}
 
 
-def _preload_log(log: Path) -> str | None:
-    """The server's line on --nora-preload-store (serving.preload_store), if any."""
+def _last_log_line(log: Path, pattern: str) -> str | None:
+    """The last match of ``pattern`` (one group) in the server's log, if any."""
     try:
-        m = re.findall(r"nora: (preloaded \d+ store adapters.*)", log.read_text(errors="replace"))
-    except OSError:
-        return None
-    return m[-1].strip() if m else None
-
-
-def _storage_log(log: Path) -> str | None:
-    try:
-        m = re.findall(r"nora: adapter storage \(MiB\): (.*)", log.read_text(errors="replace"))
+        m = re.findall(pattern, log.read_text(errors="replace"))
     except OSError:
         return None
     return m[-1].strip() if m else None
