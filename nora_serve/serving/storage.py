@@ -130,15 +130,21 @@ class SlotPlan:
     def fits(self, storage: AdapterStorage, active) -> bool:
         """Whether :meth:`assign` would place ``storage`` without evicting an active adapter (a
         free dense index, or its basis's group or a free one): a bulk load activates only those."""
-        def has_live(members) -> bool:
-            return any(m in active for m in members)
-
         if storage.kind == DENSE:
-            return any(owner is None or owner not in active for owner in self._dense_owner)
+            return self._unused_dense(active) is not None
         if storage.kind == BASIS:
-            return any(key == storage.basis_key or not has_live(members)
-                       for key, members in zip(self._group_key, self._group_members))
+            return any(key == storage.basis_key or not self._has_live(g, active)
+                       for g, key in enumerate(self._group_key))
         return True
+
+    def _unused_dense(self, active) -> int | None:
+        """A dense index no active adapter holds, if any."""
+        return next((d for d, owner in enumerate(self._dense_owner) if owner is None or owner not in active), None)
+
+    def _has_live(self, g: int, active) -> bool:
+        # A group's members can be thousands of adapters: whether one of them is active is asked
+        # member by member until one is (not a set of them all per activation).
+        return any(m in active for m in self._group_members[g])
 
     def _forget(self, lora_id: int) -> int:
         previous = -1
@@ -153,9 +159,9 @@ class SlotPlan:
     def _free_dense(self, active, batch, evict, prefer: int = -1) -> int:
         if prefer >= 0 and self._dense_owner[prefer] is None:
             return prefer
-        for d, owner in enumerate(self._dense_owner):
-            if owner is None or owner not in active:
-                return d
+        unused = self._unused_dense(active)
+        if unused is not None:
+            return unused
         for d, owner in enumerate(self._dense_owner):  # an adapter this step does not need
             if batch is None or owner not in batch:
                 evict(owner)
@@ -166,10 +172,8 @@ class SlotPlan:
             f"this step; raise --nora-dense-loras")
 
     def _group_for(self, storage, active, batch, evict) -> int:
-        # A group's members can be thousands of adapters: whether one of them is active is asked
-        # member by member until one is (not a set of them all per activation).
         def has_live(g: int) -> bool:
-            return any(m in active for m in self._group_members[g])
+            return self._has_live(g, active)
 
         def live(g: int) -> set[int]:
             return {m for m in self._group_members[g] if m in active}
