@@ -2,8 +2,9 @@
 (vllm.lora.ops.torch_ops, called the way PunicaWrapperCPU calls them in decode)
 vs the CPU server's path, ``nora_serve.kernels.cpu_step``, called as the nora CPU wrapper calls
 it for a layer with shared-basis storage: every slot's slices packed up to its rank, one step
-route, then ``stacked_lora_linear`` (while the stack is narrow) or ``packed_lora_linear``
-(ours), and ``packed_shared_basis_linear`` (shared, every row its own core).
+route, then ``batched_lora_linear`` (several slots in segments even enough to pad),
+``stacked_lora_linear`` (while the stack is narrow) or ``packed_lora_linear`` (ours), and
+``packed_shared_basis_linear`` (shared, every row its own core).
 
     python bench/bench_kernels_cpu.py            # reduced sweep, a couple of minutes on 2 cores
     python bench/bench_kernels_cpu.py --full     # all seven projections, batch 1..256, 1..1024 adapters
@@ -71,28 +72,33 @@ def server_variants(layers, slot: torch.Tensor, ranks_l: list[int]) -> dict:
     d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y), as closures to time; weights packed as
     ``layers.py`` packs them (only the slots the batch uses: the others are not read)."""
     route = cpu_step.build_route(slot)
+    padded = cpu_step.pad_route(route)
     table = slot.long()
     used = set(route.slots)
     prepared = []
     for d_in, d_outs, x, w, a, b, a_sh, b_sh, cores, y in layers:
         packed = [cpu_step.pack_slices([t[s, 0, :r] for t in a], [t[s, 0, :, :r] for t in b], d_outs)
                   if s in used else None for s, r in enumerate(ranks_l)]
-        stack = cpu_step.stack_packed(packed)
-        if route.mode != cpu_step.SEG or stack.width > cpu_step.STACK_MAX_COLUMNS:
-            stack = None  # the wrapper's choice (punica_cpu.nora_linear)
+        # The wrapper's choice (punica_cpu.nora_linear): batches, else the stack, else segments.
+        batch = cpu_step.batch_packed(packed, d_outs) if padded is not None else None
+        stack = cpu_step.stack_packed(packed) if batch is None else None
+        if route.mode != cpu_step.SEG or (stack is not None and stack.width > cpu_step.STACK_MAX_COLUMNS):
+            stack = None
         basis = cpu_step.pack_slices(a_sh, b_sh, d_outs)
-        prepared.append((x, y, packed, stack, basis, cores))
+        prepared.append((x, y, packed, batch, stack, basis, cores))
     core_idx = None if route.mode == cpu_step.ALL else table  # every row has an adapter here
 
     def ours():
-        for x, y, packed, stack, *_ in prepared:
-            if stack is not None:
+        for x, y, packed, batch, stack, *_ in prepared:
+            if batch is not None:
+                cpu_step.batched_lora_linear(y, x, batch, padded)
+            elif stack is not None:
                 cpu_step.stacked_lora_linear(y, x, stack, table)
             else:
                 cpu_step.packed_lora_linear(y, x, packed, route)
 
     def shared():
-        for x, y, _p, _s, basis, cores in prepared:
+        for x, y, _p, _b, _s, basis, cores in prepared:
             cpu_step.packed_shared_basis_linear(y, x, basis, cores, core_idx, None, route.slot)
 
     return {"base": C.base_gemms(layers), "ours": ours, "shared": shared}

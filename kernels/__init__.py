@@ -18,8 +18,9 @@ tests); the ops are registered as torch.ops.nora.*. ``reference``: the per-token
 reference both paths are tested against.
 
 ``cpu_step``: the one CPU path, the server's: a route per step (``build_route``) and the layer
-ops that read it (``lora_linear``, slice-packed ``packed_lora_linear`` / ``stacked_lora_linear``
-/ ``packed_shared_basis_linear``), used by the plugin's CPU punica wrapper.
+ops that read it (``lora_linear``, slice-packed ``packed_lora_linear`` / ``batched_lora_linear``
+/ ``stacked_lora_linear`` / ``packed_shared_basis_linear``), used by the plugin's CPU punica
+wrapper.
 """
 
 from .metadata import (

@@ -7,11 +7,14 @@ op then does only tensor work, chosen by the route's mode:
 
     ALL   every row uses one slot: two GEMMs on views of that slot's weights (the usual decode
           batch of one adapter);
-    SEG   several slots: either one GEMM pair against all resident slots side by side, each
-          row keeping its own slot's columns (:func:`stacked_lora_linear`, while that stack is
-          narrow; in a step mixing dense and shared-basis rows only the dense rows, gathered),
-          or rows gathered once in slot order with one GEMM pair per segment (cut to the
-          slot's true rank) and one scatter-add; rows of other slots are never touched;
+    SEG   several slots: rows gathered into one equal, padded segment per slot and run
+          as one ``bmm`` per stage against each slot's own weights (:func:`batched_lora_linear`,
+          while the segments are even enough to pad, :func:`pad_route`); else one GEMM pair
+          against all resident slots side by side, each row keeping its own slot's columns
+          (:func:`stacked_lora_linear`, while that stack is narrow; in a step mixing dense and
+          shared-basis rows only the dense rows, gathered), or rows gathered once in slot order
+          with one GEMM pair per segment (cut to the slot's true rank) and one scatter-add;
+          rows of other slots are never touched;
     NONE  no row has an adapter: nothing runs.
 
 The slices of a layer (q/k/v, gate/up) run as one GEMM pair (:func:`pack_slices`): on the CPU a
@@ -274,6 +277,111 @@ def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: t
         _add_mm(y, h, stack.b_all.t())
     else:
         y.index_add_(0, rows, torch.mm(*_mm_args(h.to(stack.b_all.dtype), stack.b_all.t())).to(y.dtype))
+
+
+class Batch(NamedTuple):
+    """The non-empty slots' slice-packed weights as batches for ``torch.bmm`` (:func:`batch_packed`):
+    slot ``s`` is batch ``rows[s]``, which reads ``a_t[rows[s]]`` [d_in, C] (slice ``i`` in
+    columns ``col:col + rank`` of ``h``, zero past the slot's own rank) and, per slice,
+    ``b[rows[s]]`` [rank, width]; every empty slot reads the last batch, all zero."""
+
+    a_t: torch.Tensor  # [P + 1, d_in, C], a transposed view
+    slices: tuple  # per slice: (out column, width, column in h, rank, b [P + 1, rank, width] or None)
+    rows: torch.Tensor  # [L] int64
+    leading: bool  # the non-empty slots are 0 .. P-1 (batch p is slot p)
+
+
+def batch_packed(packed: Sequence, widths: Sequence[int]) -> Batch | None:
+    """A :class:`Batch` of ``packed[slot]`` (:class:`Packed` of a layer with output slices
+    ``widths``, or ``None``); ``None`` if every slot is empty. Each slice is cut to the widest
+    rank any slot has there; empty slots take no memory of their own."""
+    used = [s for s, p in enumerate(packed) if p is not None]
+    if not used:
+        return None
+    parts = [packed[s] for s in used]
+    ref = parts[0].a_cat
+    outs = [sum(widths[:i]) for i in range(len(widths))]
+    rank = [max(p.ranks[i] for p in parts) for i in range(len(widths))]
+    cols = [sum(rank[:i]) for i in range(len(widths))]
+    a = torch.zeros(len(parts) + 1, sum(rank), ref.shape[1], dtype=ref.dtype, device=ref.device)
+    bs = [torch.zeros(len(parts) + 1, r, n, dtype=ref.dtype, device=ref.device) if r else None
+          for r, n in zip(rank, widths)]
+    for k, p in enumerate(parts):
+        for row, _n, col, r, bt in p.blocks:
+            i = outs.index(row)
+            a[k, cols[i]:cols[i] + r] = p.a_cat[col:col + r]
+            bs[i][k, :r] = bt.t()
+    rows = torch.full((len(packed),), len(used), dtype=torch.int64)
+    rows[used] = torch.arange(len(used))
+    slices = tuple((outs[i], widths[i], cols[i], rank[i], bs[i]) for i in range(len(widths)))
+    return Batch(a.transpose(1, 2), slices, rows, used == list(range(len(used))))
+
+
+class Padded(NamedTuple):
+    """A step's adapter rows as ``S`` equal segments of ``m`` rows, one per used slot (the
+    positions past a segment's own rows read row 0 and are masked to zero): gathered with one
+    ``index_select``, run with one ``bmm`` per stage, added back with one ``index_add_``."""
+
+    index: torch.Tensor  # [S * m] int64: row of x per padded position
+    valid: torch.Tensor  # [S, m, 1] bool
+    slots: torch.Tensor  # [S] int64: the used slots, in segment order
+    m: int
+    in_order: bool  # slots == 0, 1, ..., S - 1
+
+
+# Pad the segments only while that at most doubles the rows run (8 adapters of 16 decode rows
+# each: no padding); a prefill chunk beside a few decode rows runs segment by segment instead.
+PAD_MAX_FACTOR = 2
+
+
+def pad_route(route: Route) -> Padded | None:
+    """The :class:`Padded` form of a SEG route, or ``None`` where padding would run more than
+    :data:`PAD_MAX_FACTOR` times its rows. Once per step, not per layer."""
+    if route.mode != SEG:
+        return None
+    lengths = torch.tensor([c for _, _, c in route.segments], dtype=torch.int64)
+    S, m, used = len(route.segments), int(lengths.max()), int(lengths.sum())
+    if S * m > PAD_MAX_FACTOR * used:
+        return None
+    seg = torch.repeat_interleave(torch.arange(S), lengths)
+    starts = torch.tensor([b for _, b, _ in route.segments], dtype=torch.int64)
+    pos = seg * m + torch.arange(used) - starts[seg]
+    index = torch.zeros(S * m, dtype=torch.int64)
+    index[pos] = route.idx
+    valid = torch.zeros(S * m, dtype=torch.bool)
+    valid[pos] = True
+    slots = [s for s, _, _ in route.segments]
+    return Padded(index, valid.view(S, m, 1), torch.tensor(slots, dtype=torch.int64), m,
+                  slots == list(range(S)))
+
+
+def batched_lora_linear(y: torch.Tensor, x: torch.Tensor, batch: Batch, padded: Padded) -> None:
+    """:func:`packed_lora_linear` as one ``bmm`` for the shrink and one per slice for the expand,
+    over the step's adapter rows padded into equal segments (:func:`pad_route`): each row meets
+    its own slot's weights only (at the layer's widest rank), where the stack multiplies every
+    row by every slot. The used slots' weights must be finite (padding rows' zeros meet them)."""
+    S, m = padded.slots.shape[0], padded.m
+    whole = padded.in_order and batch.leading and S == batch.a_t.shape[0] - 1
+    sel = None if whole else batch.rows.index_select(0, padded.slots)
+
+    def pick(w: torch.Tensor) -> torch.Tensor:
+        return w[:S] if sel is None else w.index_select(0, sel)
+
+    xp = x.index_select(0, padded.index).view(S, m, x.shape[1])
+    h = torch.bmm(*_mm_args(xp, pick(batch.a_t)))
+    h = torch.where(padded.valid, h, torch.zeros((), dtype=h.dtype))
+    res = torch.empty(S, m, y.shape[1], dtype=torch.float32 if y.dtype == torch.float16 else y.dtype)
+    for out, width, col, r, b in batch.slices:
+        view = res[:, :, out:out + width]
+        if b is None:
+            view.zero_()
+            continue
+        hb, bb = _mm_args(h[:, :, col:col + r], pick(b))
+        if view.dtype == hb.dtype == bb.dtype:
+            view.baddbmm_(hb, bb, beta=0)
+        else:
+            view.copy_(torch.bmm(hb.to(bb.dtype), bb))
+    y.index_add_(0, padded.index, res.view(S * m, -1).to(y.dtype))
 
 
 def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: Sequence,

@@ -84,11 +84,12 @@ def build(dtype=torch.float32, device="cpu", seed=0):
     return lay, plan, want
 
 
-def pack_like_layers(lay, stacked: bool = True):
+def pack_like_layers(lay, stacked: bool = True, batched: bool = False):
     """Slice-pack ``lay``'s dense slots and bases as ``layers.py`` does on the CPU (the server's
     path: dense index d up to its rank, group g up to its basis rank); the per-slice tensors stay
-    as they are. ``stacked``: the dense slots also side by side in one stack."""
-    from nora_serve.kernels.cpu_step import pack_slices, stack_packed
+    as they are. ``stacked``: the dense slots also side by side in one stack; ``batched``: also
+    as bmm batches (the server keeps both)."""
+    from nora_serve.kernels.cpu_step import batch_packed, pack_slices, stack_packed
 
     lay.nora_cpu = True
     lay.nora_packed_dense = [pack_slices([a[d, 0] for a in lay.lora_a_stacked],
@@ -100,6 +101,8 @@ def pack_like_layers(lay, stacked: bool = True):
     lay.nora_dense_finite = [True, True]
     stack = stack_packed(lay.nora_packed_dense) if stacked else None
     lay.nora_dense_stack = lambda: stack
+    batch = batch_packed(lay.nora_packed_dense, SLICES) if batched else None
+    lay.nora_dense_batch = lambda: batch
     return lay
 
 
@@ -116,7 +119,8 @@ def weights(lay):
         group_rank=lay.nora_group_rank, out_scale=lay.nora_out_scale, packed=getattr(lay, "nora_cpu", False),
         packed_dense=getattr(lay, "nora_packed_dense", []), dense_finite=getattr(lay, "nora_dense_finite", []),
         packed_basis=getattr(lay, "nora_packed_basis", []),
-        dense_stack=getattr(lay, "nora_dense_stack", lambda: None))
+        dense_stack=getattr(lay, "nora_dense_stack", lambda: None),
+        dense_batch=getattr(lay, "nora_dense_batch", lambda: None))
     lw.key = opaque.register(lw)
     return lw
 

@@ -215,20 +215,27 @@ def _cpu_wrapper_case():
     return w, rows, x, base
 
 
-@pytest.mark.parametrize("packed", ["no", "segments", "stacked"],
-                         ids=["per-slice", "slice-packed", "slice-packed-stacked"])
-def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed):
+@pytest.mark.parametrize("packed", ["no", "segments", "stacked", "batched"],
+                         ids=["per-slice", "slice-packed", "slice-packed-stacked", "slice-packed-batched"])
+def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed, monkeypatch):
     """add_nora_linear on the CPU: dense slots, two basis groups, an empty slot, a warm-up
     dummy, no-adapter and padding rows, each row gets exactly its own ΔW x; with the weights
-    per slice and slice-packed as the layers keep them on the CPU."""
+    per slice and slice-packed as the layers keep them on the CPU (the dense slots per
+    segment, side by side, or as bmm batches)."""
     import nora_layer_cases as cases
+
+    from nora_serve.kernels import cpu_step
 
     lay, plan, want = cases.build()
     if packed != "no":  # as layers.py packs them
-        cases.pack_like_layers(lay, stacked=packed == "stacked")
+        cases.pack_like_layers(lay, stacked=packed == "stacked", batched=packed == "batched")
+    batched = []
+    run = cpu_step.batched_lora_linear
+    monkeypatch.setattr(cpu_step, "batched_lora_linear", lambda *a: batched.append(1) or run(*a))
     w, rows, x, base = _cpu_wrapper_case()
     y = base.clone()
     w.add_nora_linear(y, x, cases.weights(lay))
+    assert len(batched) == (packed == "batched")
     torch.testing.assert_close((y - base).double(), cases.reference(x, want, rows), atol=1e-5, rtol=1e-5)
     # A changed plan (new version) is seen at once, without a new mapping.
     plan.group_of_slot[3] = -1

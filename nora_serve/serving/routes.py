@@ -41,6 +41,7 @@ class Step:
         self._groups: list | None = None
         self._firsts: dict[int, Step] = {}
         self._keeps: dict[tuple, torch.Tensor] = {}
+        self._padded: dict[str, cpu_step.Padded | None] = {}
         self.dense_ranks = plan.dense_ranks.tolist() if plan is not None else []
 
     def first(self, n: int) -> "Step":
@@ -64,6 +65,13 @@ class Step:
         if tag not in self._routes:
             self._routes[tag] = cpu_step.build_route(self.table(tag))
         return self._routes[tag]
+
+    def padded(self, tag: str) -> cpu_step.Padded | None:
+        """``route(tag)``'s rows padded into one equal segment per used slot
+        (``cpu_step.pad_route``; ``None`` where that would waste too much)."""
+        if tag not in self._padded:
+            self._padded[tag] = cpu_step.pad_route(self.route(tag))
+        return self._padded[tag]
 
     def dense_rows(self) -> torch.Tensor | None:
         """The rows with a dense slot, in the dense route's order; ``None`` when every row has

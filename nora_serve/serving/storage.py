@@ -59,6 +59,7 @@ class LayerWeights:
     dense_finite: list = field(default_factory=list)
     packed_basis: list = field(default_factory=list)
     dense_stack: Callable[[], object] = lambda: None
+    dense_batch: Callable[[], object] = lambda: None
 
 
 @dataclass(frozen=True)

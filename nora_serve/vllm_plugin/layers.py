@@ -69,6 +69,8 @@ class SharedBasisLayerMixin:
         self.nora_dense_finite: list[bool] = [True] * plan.dense_slots
         self._nora_stack: cpu_step.Stack | None = None
         self._nora_stack_dirty = False
+        self._nora_batch: cpu_step.Batch | None = None
+        self._nora_batch_dirty = False
         self.nora_packed_basis: list = [None] * G
         self.nora_out_scale = OutputScales(self, plan.dense_slots)  # PEFT DoRA's v per dense index
         # All the punica wrapper reads of this layer (the same tensors and lists, filled below).
@@ -78,7 +80,8 @@ class SharedBasisLayerMixin:
             basis_a=self.nora_basis_a, basis_b=self.nora_basis_b, cores=self.nora_cores,
             core_ranks=self.nora_core_ranks, group_rank=self.nora_group_rank, out_scale=self.nora_out_scale,
             packed=self.nora_cpu, packed_dense=self.nora_packed_dense, dense_finite=self.nora_dense_finite,
-            packed_basis=self.nora_packed_basis, dense_stack=self.nora_dense_stack)
+            packed_basis=self.nora_packed_basis, dense_stack=self.nora_dense_stack,
+            dense_batch=self.nora_dense_batch)
         self.nora.key = opaque.register(self.nora)  # how the compiled graph's op finds them
 
     # -- slots -----------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class SharedBasisLayerMixin:
         # A non-finite adapter never joins the stack (its zeros would not mask it out there).
         self.nora_dense_finite[d] = packed is None or bool(
             torch.isfinite(packed[0]).all() and torch.isfinite(packed[1]).all())
-        self._nora_stack_dirty = True
+        self._nora_stack_dirty = self._nora_batch_dirty = True
 
     def nora_dense_stack(self) -> cpu_step.Stack | None:
         """All finite dense slots side by side (``cpu_step.stacked_lora_linear``), rebuilt
@@ -139,6 +142,14 @@ class SharedBasisLayerMixin:
                 [p if ok else None for p, ok in zip(self.nora_packed_dense, self.nora_dense_finite)])
             self._nora_stack_dirty = False
         return self._nora_stack
+
+    def nora_dense_batch(self) -> cpu_step.Batch | None:
+        """Every dense slot as bmm batches (``cpu_step.batched_lora_linear``), rebuilt after a
+        dense slot changed."""
+        if self._nora_batch_dirty:
+            self._nora_batch = cpu_step.batch_packed(self.nora_packed_dense, self.output_slices)
+            self._nora_batch_dirty = False
+        return self._nora_batch
 
     def set_lora(self, index: int, lora_a, lora_b):
         act = self._activation(index)

@@ -78,16 +78,24 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
     dense = step.route("dense")
     if dense.mode != cpu_step.NONE and w.out_scale.count:
         self.scale_output(y, w, step.table("dense"))  # PEFT DoRA, before the LoRA is added
-    if dense.mode != cpu_step.NONE:
-        stack = w.dense_stack() if packed and dense.mode == cpu_step.SEG else None
-        if (stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS
-                and all(w.dense_finite[s] for s in dense.slots)):
+    if dense.mode == cpu_step.NONE:
+        pass
+    elif not packed:
+        cpu_step.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
+                             dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
+    else:
+        # Several finite dense slots: padded into one segment each and run as one bmm per stage
+        # while the segments are even enough; else side by side while narrow; else per segment.
+        many = dense.mode == cpu_step.SEG and all(w.dense_finite[s] for s in dense.slots)
+        padded = step.padded("dense") if many else None
+        batch = w.dense_batch() if padded is not None else None
+        stack = w.dense_stack() if many and batch is None else None
+        if batch is not None:
+            cpu_step.batched_lora_linear(y, x, batch, padded)
+        elif stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS:
             cpu_step.stacked_lora_linear(y, x, stack, keep=step.stack_keep(stack), rows=step.dense_rows())
-        elif packed:
-            cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
         else:
-            cpu_step.lora_linear(y, x, list(w.lora_a), list(w.lora_b),
-                                 dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
+            cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
     groups = step.groups()
     if not any(g is not None for g in groups):
         return
