@@ -21,8 +21,10 @@ every adapter (short outputs), then ``--passes`` timed ``generate`` calls, each 
 prompts: ``--prompts`` random prompts of ``--prompt-len`` tokens, greedy, ``ignore_eos`` so each
 makes exactly ``--tokens`` tokens; prompt ``i`` uses adapter ``i % N``. tok/s = generated tokens /
 wall time of that ``generate`` call (prefill modes: prompt + generated tokens / wall time); a
-process counts its best pass, the table shows the best and the median over all passes. ``base`` runs first and last (the machine
-drifts); ratios are taken against the better of the two (and the other base repeats).
+process counts its best pass, the table shows the best and the median over all passes, each
+process's best, and the ratio to the base as the median over the processes (``--repeats``) with
+its min-max. ``base`` runs first and last (the machine drifts, and between repeats); ratios are
+taken against the better of those base runs.
 Modes are listed in ``bench/serve_modes.py`` and ``bench/README.md``.
 """
 
@@ -310,8 +312,15 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
             if rs[0].get("preconverted"):
                 row["convert_s"] = min(x["preconverted"]["seconds"] for x in rs)
             ref = "prefill-base" if mode.prefill else "base"
+            runs = [key(x) for x in rs]  # each process's best pass
+            row["runs_tok_s"] = [round(v, 1) for v in runs]
             if ref in best:
                 row["vs_base"] = row["best"] / best[ref]
+                # Per process against the better base of the run: the median is the figure,
+                # min-max its spread (a change smaller than that is noise).
+                ratios = [v / best[ref] for v in runs]
+                row.update(vs_base_median=statistics.median(ratios), vs_base_min=min(ratios),
+                           vs_base_max=max(ratios))
             if mode.stock_ref and mode.stock_ref in best:
                 row["vs_stock"] = row["best"] / best[mode.stock_ref]
         rows.append(row)
@@ -320,13 +329,14 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
 
 
 def table(rows: list[dict], modes: dict[str, Mode]) -> str:
-    head = ("| mode | distinct adapters (per batch) | tok/s best | tok/s median | / base (compiled) "
-            "| / stock LoRA same adapters | compile mode | load s |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| mode | distinct adapters (per batch) | tok/s best | tok/s median | tok/s per run "
+            "| / base (compiled), median of runs (min-max) | / base, best | / stock LoRA same adapters "
+            "| compile mode | load s |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         mode = modes[r["mode"]]
         if "best" not in r:
-            lines.append(f"| {r['mode']} | {r['adapters']} | FAILED | | | | | |")
+            lines.append(f"| {r['mode']} | {r['adapters']} | FAILED | | | | | | | |")
             continue
         n = f"{r['adapters']}" + (f" ({r['active']})" if r["adapters"] and r["active"] != r["adapters"] else "")
         pre = "*" if mode.prefill else ""
@@ -336,7 +346,11 @@ def table(rows: list[dict], modes: dict[str, Mode]) -> str:
             f" (+{r['convert_s']:.1f} convert)" if r.get("convert_s") else "") + (
             f", {r['converted']} converted" if r.get("converted") else "")
         comp = (r.get("compilation") or "?").replace("CompilationMode.", "")
-        lines.append(f"| {r['mode']}{pre} | {n} | {r['best']:.0f} | {r['median']:.0f} | {vb} | {vs} | {comp} | {load} |")
+        per_run = " / ".join(f"{v:.0f}" for v in r["runs_tok_s"])
+        vm = (f"{r['vs_base_median']:.2f}x ({r['vs_base_min']:.2f}-{r['vs_base_max']:.2f})"
+              if "vs_base_median" in r else "–")
+        lines.append(f"| {r['mode']}{pre} | {n} | {r['best']:.0f} | {r['median']:.0f} | {per_run} | {vm} | {vb} "
+                     f"| {vs} | {comp} | {load} |")
     return "\n".join(lines)
 
 
@@ -356,21 +370,25 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
               "nora-shared": ("tab:green", "^", "nora plugin, shared-basis NoRA"),
               "inttune-shared": ("tab:purple", "v", "nora plugin, shared-basis IntTune"),
               "mix": ("tab:orange", "D", "nora plugin, 8 LoRA + 256 NoRA")}
-    series = {fam: sorted((r["adapters"], r["best"]) for r in dec if modes[r["mode"]].family == fam)
+    # A point: the median over the mode's runs (each run's best pass); its bar: their min-max.
+    series = {fam: sorted((r["adapters"], statistics.median(r["runs_tok_s"]), min(r["runs_tok_s"]),
+                           max(r["runs_tok_s"])) for r in dec if modes[r["mode"]].family == fam)
               for fam in styles}
     at_x: dict[int, list[float]] = {}
     for pts in series.values():
-        for x, y in pts:
+        for x, y, _lo, _hi in pts:
             at_x.setdefault(x, []).append(y)
     xs_all = []
     for fam, (color, marker, label) in styles.items():
         pts = series[fam]
         if not pts:
             continue
-        xs, ys = zip(*pts)
+        xs, ys, lo, hi = zip(*pts)
         xs_all += xs
         ax.plot(xs, ys, marker=marker, color=color, label=label, linewidth=1.8, markersize=8)
-        for x, y in pts:  # the top point at an x labelled above, the others below
+        ax.errorbar(xs, ys, yerr=[[y - v for y, v in zip(ys, lo)], [v - y for y, v in zip(ys, hi)]],
+                    fmt="none", ecolor=color, capsize=4, linewidth=1)
+        for x, y, _lo, _hi in pts:  # the top point at an x labelled above, the others below
             above = y >= max(at_x[x])
             ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 8 if above else -14),
                         ha="center", fontsize=8, color=color)
@@ -388,19 +406,23 @@ def plot(rows: list[dict], modes: dict[str, Mode], path: Path, title: str) -> No
         ax.set_xticklabels([str(x) for x in ticks])
     ax.set_ylim(0, 1.1 * max([r["best"] for r in dec] or [1]))
     ax.set_xlabel("distinct adapters resident (per batch: min(N, prompts))")
-    ax.set_ylabel("generated tokens / s (decode-heavy)")
+    ax.set_ylabel("generated tokens / s (decode-heavy; median of runs, bars min-max)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     if pre:
         bx = axes[0][1]
         names = [r["mode"].removeprefix("prefill-") for r in pre]
-        vals = [r["best"] for r in pre]
+        vals = [statistics.median(r["runs_tok_s"]) for r in pre]
+        err = [[v - min(r["runs_tok_s"]) for v, r in zip(vals, pre)],
+               [max(r["runs_tok_s"]) - v for v, r in zip(vals, pre)]]
+
         def color(name):
             return ("tab:red" if "stock" in name else "tab:blue" if "lora" in name
                     else "tab:green" if "shared" in name else "black")
 
-        bars = bx.bar(range(len(vals)), vals, color=[color(r["mode"]) for r in pre])
+        bars = bx.bar(range(len(vals)), vals, yerr=err, capsize=4,
+                      color=[color(r["mode"]) for r in pre])
         for b, v in zip(bars, vals):
             bx.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         bx.set_xticks(range(len(vals)))
