@@ -180,35 +180,34 @@ def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | Non
 BLOCK_EXPAND_ROWS = 128
 
 
-def _expand_packed(out: torch.Tensor, h: torch.Tensor, p, scale: float = 1.0) -> None:
+def _expand_packed(out: torch.Tensor, h: torch.Tensor, p: Packed, scale: float = 1.0) -> None:
     """out += scale * h b_bd^T for a :class:`Packed` ``p`` (``h`` = x a_cat^T)."""
-    blocks = p[3] if len(p) > 3 else ()
-    if h.shape[0] < BLOCK_EXPAND_ROWS or len(blocks) < 2:
-        _expand(out, h, p[1], scale)
+    if h.shape[0] < BLOCK_EXPAND_ROWS or len(p.blocks) < 2:
+        _expand(out, h, p.b_bd, scale)
         return
     if scale != 1.0:
         h.mul_(scale)
-    for row, n, col, r, bt in blocks:
+    for row, n, col, r, bt in p.blocks:
         _add_mm(out[:, row:row + n], h[:, col:col + r], bt.t())
 
 
 def packed_lora_linear(y: torch.Tensor, x: torch.Tensor, packed: Sequence, route: Route,
                        scale: float = 1.0) -> None:
-    """:func:`lora_linear` on slice-packed weights: ``packed[slot]`` = (a_cat, b_bd, ranks)
-    from :func:`pack_slices` (or ``None``: empty slot); ``y`` is the layer's whole output."""
+    """:func:`lora_linear` on slice-packed weights: ``packed[slot]`` the :class:`Packed` of
+    :func:`pack_slices` (or ``None``: empty slot); ``y`` is the layer's whole output."""
     if route.mode == NONE:
         return
     if route.mode == ALL:
         p = packed[route.slot]
         if p is not None:
-            _expand_packed(y, torch.mm(*_mm_args(x, p[0].t())), p, scale)
+            _expand_packed(y, torch.mm(*_mm_args(x, p.a_cat.t())), p, scale)
         return
     xs = x.index_select(0, route.idx)
     res = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype)
     for slot, b, n in route.segments:
         p = packed[slot]
         if p is not None:
-            _expand(res[b:b + n], torch.mm(*_mm_args(xs[b:b + n], p[0].t())), p[1], scale)
+            _expand(res[b:b + n], torch.mm(*_mm_args(xs[b:b + n], p.a_cat.t())), p.b_bd, scale)
     y.index_add_(0, route.idx, res)
 
 
@@ -231,7 +230,7 @@ class Stack:
 
 
 def stack_packed(packed: Sequence) -> Stack | None:
-    """A :class:`Stack` of ``packed[slot]`` = (a_cat, b_bd, ranks) or ``None``; ``None`` if
+    """A :class:`Stack` of ``packed[slot]`` (:class:`Packed` or ``None``); ``None`` if
     every slot is empty."""
     parts = [(s, p) for s, p in enumerate(packed) if p is not None]
     if not parts:
@@ -240,10 +239,10 @@ def stack_packed(packed: Sequence) -> Stack | None:
     end = torch.zeros(len(packed), dtype=torch.int64)
     col = 0
     for s, p in parts:
-        start[s], end[s] = col, col + p[0].shape[0]
-        col += p[0].shape[0]
-    return Stack(torch.cat([p[0] for _, p in parts]).contiguous(),
-                 torch.cat([p[1] for _, p in parts], dim=1).contiguous(), start, end,
+        start[s], end[s] = col, col + p.a_cat.shape[0]
+        col += p.a_cat.shape[0]
+    return Stack(torch.cat([p.a_cat for _, p in parts]).contiguous(),
+                 torch.cat([p.b_bd for _, p in parts], dim=1).contiguous(), start, end,
                  key=(tuple(start.tolist()), tuple(end.tolist())))
 
 
@@ -384,17 +383,16 @@ def batched_lora_linear(y: torch.Tensor, x: torch.Tensor, batch: Batch, padded: 
     y.index_add_(0, padded.index, res.view(S * m, -1).to(y.dtype))
 
 
-def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: Sequence,
+def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed: Packed, cores: Sequence,
                                core_idx: torch.Tensor | None, mask: torch.Tensor | None,
                                slot: int) -> None:
     """:func:`shared_basis_linear` for all slices of a layer at once: the basis slice-packed
-    (``packed`` = (a_cat, b_bd, ranks) of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i].
+    (``packed``: the :class:`Packed` of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i].
     Each slice's cores run as one batched op over the rows; the slices' results are joined
     once and expanded block by block on prefill-sized steps (:func:`_expand_packed`)."""
-    a_cat, ranks = packed[0], packed[2]
-    h = torch.mm(*_mm_args(x, a_cat.t()))
+    h = torch.mm(*_mm_args(x, packed.a_cat.t()))
     parts, col = [], 0
-    for i, r in enumerate(ranks):
+    for i, r in enumerate(packed.ranks):
         if r == 0:
             continue
         hi = h[:, col:col + r]
@@ -409,7 +407,7 @@ def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed, cores: 
     g = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if mask is not None:
         g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
-    _expand_packed(y, g.to(packed[1].dtype), packed)
+    _expand_packed(y, g.to(packed.b_bd.dtype), packed)
 
 
 def shared_basis_linear(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -421,5 +419,5 @@ def shared_basis_linear(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
     ``core_idx=None``: every row uses ``cores[slot]`` (one small GEMM, no gather). ``mask``
     [T, 1] bool marks the group's rows (``None``: all); the others get exactly zero, whatever
     their gathered core holds."""
-    packed_shared_basis_linear(y[:, y_offset:y_offset + b.shape[0]], x, (a, b, (a.shape[0],)),
+    packed_shared_basis_linear(y[:, y_offset:y_offset + b.shape[0]], x, Packed(a, b, (a.shape[0],)),
                                [cores], core_idx, mask, slot)

@@ -131,7 +131,7 @@ class SharedBasisLayerMixin:
         self.nora_packed_dense[d] = packed
         # A non-finite adapter never joins the stack (its zeros would not mask it out there).
         self.nora_dense_finite[d] = packed is None or bool(
-            torch.isfinite(packed[0]).all() and torch.isfinite(packed[1]).all())
+            torch.isfinite(packed.a_cat).all() and torch.isfinite(packed.b_bd).all())
         self._nora_stack_dirty = self._nora_batch_dirty = True
 
     def nora_dense_stack(self) -> cpu_step.Stack | None:

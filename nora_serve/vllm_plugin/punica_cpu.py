@@ -108,7 +108,7 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
             basis = w.packed_basis[g]
             if basis is not None:  # slice i's cores as [L, r, r] views
                 cores = [w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
-                         for i, r in enumerate(basis[2])]
+                         for i, r in enumerate(basis.ranks)]
                 cpu_step.packed_shared_basis_linear(y, x, basis, cores, grp.core_idx, grp.mask, grp.slot)
             continue
         off = 0
