@@ -97,11 +97,17 @@ def test_metrics_count_deferrals_and_residency_tp2(server, base_dir, adapters):
     /metrics of the API server shows it, with both workers' storage."""
     from concurrent.futures import ThreadPoolExecutor
 
-    before = server.metrics("nora:")
     names = ["slora", "dora", "vera", "rank_pattern", "lora16", "nora_a", "inttune_a", "nora", "nora_b"]
+    # Each adapter once first, one at a time: the front end's first look at an adapter (its
+    # cache entry, a basis to load) can take longer than a short request, and the burst below
+    # must reach the scheduler together, not one request after another has finished.
+    for n in names:
+        r = server.post("/v1/completions", {"model": n, "prompt": PROMPTS[0], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    before = server.metrics("nora:")
     with ThreadPoolExecutor(len(names)) as ex:
         outs = list(ex.map(lambda n: server.post("/v1/completions", {
-            "model": n, "prompt": PROMPTS[0], "max_tokens": 40, "ignore_eos": True}), names))
+            "model": n, "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True}), names))
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
     m = server.metrics("nora:")
     held = sum(m[f'nora:scheduler_deferrals_total{{cap="{c}"}}'] - before[f'nora:scheduler_deferrals_total{{cap="{c}"}}']
