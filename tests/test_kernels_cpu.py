@@ -112,13 +112,14 @@ def test_packed_and_stacked_match_reference(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("table", ["whole", "balanced", "subset", "uneven"])
+@pytest.mark.parametrize("table", ["first-two", "balanced", "subset", "uneven", "few"])
 def test_batched_matches_reference(dtype, table):
     """The dense slots as batches (``batched_lora_linear``): rows padded into one segment per
-    used slot, one bmm per stage. Exactly the non-empty slots, in order (the weights as they
-    are); every slot, an empty one among them, and a subset out of order (the weights picked
-    per step); segments too uneven to pad (``pad_route`` declines). Slots of different ranks
-    and a slice no slot has: the reference's delta, other rows untouched."""
+    slot up to the last used one, one bmm per stage on the weights as stored. Two of two
+    non-empty slots; every slot, an empty one among them; a subset out of order (unused slots'
+    segments masked); segments too uneven to pad and too few rows (``pad_route`` declines).
+    Slots of different ranks and a slice no slot has: the reference's delta, other rows
+    untouched."""
     L, d_outs = 6, [192, 64, 64]
     ranks_l = [8, 16, 0, 4, 12, 1]
     slot, x, a, b, ranks = kc.lora_case(48, L, 16, 128, d_outs, ranks_l, dtype, seed=5)
@@ -131,7 +132,7 @@ def test_batched_matches_reference(dtype, table):
         t.zero_()
     ranks = ranks.repeat(len(d_outs), 1)
     ranks[2] = 0
-    if table == "whole":
+    if table == "first-two":
         slot = torch.arange(48, dtype=torch.int32) % 2
         slot[::5] = -1
     elif table == "balanced":
@@ -139,27 +140,36 @@ def test_batched_matches_reference(dtype, table):
         slot[::7] = -1
     elif table == "subset":
         slot = torch.tensor([4, 1, 4, -1, 1, 3] * 8, dtype=torch.int32)
-    else:
+    elif table == "uneven":
         slot = torch.tensor([0] * 40 + [1, 3, 4, 5, -1, 1, 3, 4], dtype=torch.int32)
+    else:
+        slot = torch.tensor([0, 1, 3, -1] * 8 + [-1] * 16, dtype=torch.int32)
     packed = _packed(a, b, ranks, d_outs)
-    if table == "whole":  # only slots 0 and 1 hold an adapter
+    if table == "first-two":  # only slots 0 and 1 hold an adapter
         packed[2:] = [None] * (L - 2)
     batch = cpu_step.batch_packed(packed, d_outs)
-    assert batch.a_t.shape[0] == 1 + sum(p is not None for p in packed)
-    assert batch.leading == (table == "whole")
-    assert batch.slices[2][4] is None
+    assert batch.a_t.shape[0] == (2 if table == "first-two" else L) and batch.slices[2][4] is None
     route = cpu_step.build_route(slot)
     padded = cpu_step.pad_route(route)
-    if table == "uneven":
+    if table in ("uneven", "few"):
         assert padded is None
         return
-    assert padded.in_order == (table in ("whole", "balanced"))
+    assert padded.slots == int(slot.max()) + 1
     y0 = torch.randn(48, sum(d_outs)).to(dtype)
     y = y0.clone()
     cpu_step.batched_lora_linear(y, x, batch, padded)
     _close(y, ref.ref_lora_linear(y0, x, a, b, slot, ranks), dtype)
     assert torch.equal(y[slot < 0], y0[slot < 0])
     assert torch.equal(y[:, 256:], y0[:, 256:])
+
+
+def test_batch_declines_mostly_empty_slots():
+    """A batch up to slot 5 for one adapter there would be mostly zeros: none is built (the
+    stack or the segments serve it)."""
+    _, _, a, b, ranks = kc.lora_case(4, 6, 16, 64, [64], [16] * 6, torch.float32, seed=1)
+    packed = _packed(a, b, ranks, [64])
+    assert cpu_step.batch_packed([None] * 5 + packed[5:], [64]) is None
+    assert cpu_step.batch_packed([None] * 3 + packed[3:], [64]).a_t.shape[0] == 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

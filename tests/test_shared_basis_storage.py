@@ -231,6 +231,7 @@ def test_cpu_wrapper_applies_dense_and_shared_basis_slots(packed, monkeypatch):
         cases.pack_like_layers(lay, stacked=packed == "stacked", batched=packed == "batched")
     batched = []
     run = cpu_step.batched_lora_linear
+    monkeypatch.setattr(cpu_step, "BATCH_MIN_ROWS", 1)  # the case's few rows through the batched op too
     monkeypatch.setattr(cpu_step, "batched_lora_linear", lambda *a: batched.append(1) or run(*a))
     w, rows, x, base = _cpu_wrapper_case()
     y = base.clone()

@@ -85,10 +85,12 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
                              dense, [step.dense_ranks] * len(w.lora_a), 1.0, 0)
     else:
         # Several finite dense slots: padded into one segment each and run as one bmm per stage
-        # while the segments are even enough; else side by side while narrow; else per segment.
+        # (enough rows, even segments); else side by side while narrow; else per segment.
         many = dense.mode == cpu_step.SEG and all(w.dense_finite[s] for s in dense.slots)
         padded = step.padded("dense") if many else None
         batch = w.dense_batch() if padded is not None else None
+        if batch is not None and padded.slots > batch.a_t.shape[0]:
+            batch = None  # a used slot past the layer's last non-empty one
         stack = w.dense_stack() if many and batch is None else None
         if batch is not None:
             cpu_step.batched_lora_linear(y, x, batch, padded)
