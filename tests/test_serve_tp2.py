@@ -106,9 +106,12 @@ def test_metrics_count_deferrals_and_residency_tp2(server, base_dir, adapters):
         r = server.post("/v1/completions", {"model": n, "prompt": PROMPTS[0], "max_tokens": 1})
         assert r.status_code == 200, r.text
     before = server.metrics("nora:")
-    with ThreadPoolExecutor(len(names)) as ex:
+    # Three requests per adapter: on 2 cores the two TP workers and the engine core spin while
+    # the API server takes the burst in, so requests can reach the scheduler a second apart.
+    burst = names * 3
+    with ThreadPoolExecutor(len(burst)) as ex:
         outs = list(ex.map(lambda n: server.post("/v1/completions", {
-            "model": n, "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True}), names))
+            "model": n, "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True}), burst))
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs if r.status_code != 200]
 
     def held_back():
