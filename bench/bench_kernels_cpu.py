@@ -80,9 +80,7 @@ def server_variants(layers, slot: torch.Tensor, ranks_l: list[int]) -> dict:
         packed = [cpu_step.pack_slices([t[s, 0, :r] for t in a], [t[s, 0, :, :r] for t in b], d_outs)
                   if s in used else None for s, r in enumerate(ranks_l)]
         # The wrapper's choice (punica_cpu.nora_linear): batches, else the stack, else segments.
-        batch = cpu_step.batch_packed(packed, d_outs) if padded is not None else None
-        if batch is not None and padded.slots > batch.a_t.shape[0]:
-            batch = None
+        batch = cpu_step.batch_covering(cpu_step.batch_packed(packed, d_outs), padded) if padded else None
         stack = cpu_step.stack_packed(packed) if batch is None else None
         if route.mode != cpu_step.SEG or (stack is not None and stack.width > cpu_step.STACK_MAX_COLUMNS):
             stack = None

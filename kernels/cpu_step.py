@@ -358,6 +358,14 @@ def pad_route(route: Route) -> Padded | None:
     return Padded(index, valid.view(K, m, 1), K, m)
 
 
+def batch_covering(batch: Batch | None, padded: Padded | None) -> Batch | None:
+    """``batch`` if it holds every slot ``padded`` lays rows out for (a used slot can lie past a
+    layer's last non-empty one), else ``None``: the op to run is then the stack or the segments."""
+    if batch is None or padded is None or padded.slots > batch.a_t.shape[0]:
+        return None
+    return batch
+
+
 def batched_lora_linear(y: torch.Tensor, x: torch.Tensor, batch: Batch, padded: Padded) -> None:
     """:func:`packed_lora_linear` as one ``bmm`` for the shrink and one per slice for the expand,
     over the step's adapter rows padded into one segment per slot (:func:`pad_route`; the

@@ -67,8 +67,8 @@ class Step:
         return self._routes[tag]
 
     def padded(self, tag: str) -> cpu_step.Padded | None:
-        """``route(tag)``'s rows padded into one equal segment per used slot
-        (``cpu_step.pad_route``; ``None`` where that would waste too much)."""
+        """``route(tag)``'s rows padded into one equal segment per slot up to the last used one
+        (``cpu_step.pad_route``; ``None`` for few rows or where that would waste too much)."""
         if tag not in self._padded:
             self._padded[tag] = cpu_step.pad_route(self.route(tag))
         return self._padded[tag]

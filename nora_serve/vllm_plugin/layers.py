@@ -144,7 +144,8 @@ class SharedBasisLayerMixin:
         return self._nora_stack
 
     def nora_dense_batch(self) -> cpu_step.Batch | None:
-        """Every dense slot as bmm batches (``cpu_step.batched_lora_linear``), rebuilt after a
+        """The dense slots up to the last non-empty one as bmm batches
+        (``cpu_step.batched_lora_linear``; ``None`` where most would be empty), rebuilt after a
         dense slot changed."""
         if self._nora_batch_dirty:
             self._nora_batch = cpu_step.batch_packed(self.nora_packed_dense, self.output_slices)

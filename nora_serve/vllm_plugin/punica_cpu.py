@@ -88,9 +88,7 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
         # (enough rows, even segments); else side by side while narrow; else per segment.
         many = dense.mode == cpu_step.SEG and all(w.dense_finite[s] for s in dense.slots)
         padded = step.padded("dense") if many else None
-        batch = w.dense_batch() if padded is not None else None
-        if batch is not None and padded.slots > batch.a_t.shape[0]:
-            batch = None  # a used slot past the layer's last non-empty one
+        batch = cpu_step.batch_covering(w.dense_batch(), padded) if padded is not None else None
         stack = w.dense_stack() if many and batch is None else None
         if batch is not None:
             cpu_step.batched_lora_linear(y, x, batch, padded)
