@@ -173,16 +173,13 @@ class SlotPlan:
             f"this step; raise --nora-dense-loras")
 
     def _group_for(self, storage, active, batch, evict) -> int:
-        def has_live(g: int) -> bool:
-            return self._has_live(g, active)
-
         def live(g: int) -> set[int]:
             return {m for m in self._group_members[g] if m in active}
 
         for g, key in enumerate(self._group_key):
-            if key == storage.basis_key and has_live(g):
+            if key == storage.basis_key and self._has_live(g, active):
                 return g
-        free = next((g for g in range(self.max_groups) if not has_live(g)), None)
+        free = next((g for g in range(self.max_groups) if not self._has_live(g, active)), None)
         if free is None:
             free = next((g for g in range(self.max_groups)
                          if batch is None or not (live(g) & batch)), None)
