@@ -78,6 +78,54 @@ def build_route(table: torch.Tensor) -> Route:
     return Route(SEG, n, idx=order[:used].contiguous(), segments=tuple(segments))
 
 
+class Prepack(NamedTuple):
+    """A platform's GEMM against a weight reordered once (:func:`set_prepack`): ``make(w)``
+    takes ``w`` [n, k] and returns an owner of the reordered copy (released with it) and the
+    argument ``mm(out, x, None, arg)`` takes to write ``x @ w^T`` into ``out`` [m, n]."""
+
+    make: object
+    mm: object
+
+
+class Prepacked(NamedTuple):
+    """One weight reordered for the platform's GEMM (:func:`prepacked`)."""
+
+    owner: object
+    arg: object
+    n: int  # output columns
+
+
+# vLLM's CPU build has oneDNN's (the plugin sets it: ``vllm_plugin/punica_cpu.py``). Used for
+# the shrinks against a fixed weight (a slot's or a basis's ``A``) in bf16, where it gives
+# torch.mm's bits: on the CPU a skinny GEMM costs mostly per call, and the reordered weight
+# costs 2-3x less at 16 rows, 1.2-1.8x at 128 (rank 16-48, d_in 1024-2816, 2 threads). The
+# ops call it inline (``x.new_empty`` then ``_PREPACK.mm``): a layer's first GEMM stays three
+# Python calls from vLLM's layer.
+_PREPACK: Prepack | None = None
+
+
+def set_prepack(prepack: Prepack | None) -> None:
+    global _PREPACK
+    _PREPACK = prepack
+
+
+def prepacked(w: torch.Tensor) -> Prepacked | None:
+    """``w`` [n, k] reordered for the platform's GEMM (bf16 only), or ``None`` (no such GEMM
+    here, or one that refuses it)."""
+    if _PREPACK is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2:
+        return None
+    try:
+        owner, arg = _PREPACK.make(w)
+    except RuntimeError:
+        return None
+    return Prepacked(owner, arg, int(w.shape[0]))
+
+
+def _pre(x: torch.Tensor, pre: Prepacked | None) -> Prepacked | None:
+    """``pre`` where ``x`` can go through it (bf16 rows of unit stride), else ``None``."""
+    return pre if pre is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1 else None
+
+
 def _mm_args(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The operands of ``a @ b_t`` in dtypes the CPU multiplies well (fp16 and mixed dtypes in
     fp32). The ops call ``torch.mm(*_mm_args(a, b_t))`` themselves: a layer's first GEMM is
@@ -147,6 +195,7 @@ class Packed(NamedTuple):
     # (out row, width, column in a_cat, rank, B [width, rank] contiguous) per non-empty slice:
     # the expand block by block where the block-diagonal's zeros would cost more than calls.
     blocks: tuple = ()
+    a_pre: Prepacked | None = None  # a_cat reordered for the platform's GEMM (prepacked)
 
 
 def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None],
@@ -171,7 +220,7 @@ def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | Non
             blocks.append((row, n, col, r, b_bd[row:row + n, col:col + r].contiguous()))
             col += r
         row += n
-    return Packed(a_cat, b_bd, ranks, tuple(blocks))
+    return Packed(a_cat, b_bd, ranks, tuple(blocks), prepacked(a_cat))
 
 
 # From this many rows on, a packed expand runs block by block: the block-diagonal's zeros (2x
@@ -200,8 +249,15 @@ def packed_lora_linear(y: torch.Tensor, x: torch.Tensor, packed: Sequence, route
         return
     if route.mode == ALL:
         p = packed[route.slot]
-        if p is not None:
-            _expand_packed(y, torch.mm(*_mm_args(x, p.a_cat.t())), p, scale)
+        if p is None:
+            return
+        pre = _pre(x, p.a_pre)
+        if pre is None:
+            h = torch.mm(*_mm_args(x, p.a_cat.t()))
+        else:
+            h = x.new_empty(x.shape[0], pre.n)
+            _PREPACK.mm(h, x, None, pre.arg)
+        _expand_packed(y, h, p, scale)
         return
     xs = x.index_select(0, route.idx)
     res = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype)
@@ -224,6 +280,7 @@ class Stack:
     start: torch.Tensor  # [L] int64 (0 for empty slots)
     end: torch.Tensor  # [L] int64 (= start for empty slots)
     key: tuple = ()
+    a_pre: Prepacked | None = None  # a_all reordered for the platform's GEMM (prepacked)
 
     @property
     def width(self) -> int:
@@ -242,9 +299,9 @@ def stack_packed(packed: Sequence) -> Stack | None:
     for s, p in parts:
         start[s], end[s] = col, col + p.a_cat.shape[0]
         col += p.a_cat.shape[0]
-    return Stack(torch.cat([p.a_cat for _, p in parts]).contiguous(),
-                 torch.cat([p.b_bd for _, p in parts], dim=1).contiguous(), start, end,
-                 key=(tuple(start.tolist()), tuple(end.tolist())))
+    a_all = torch.cat([p.a_cat for _, p in parts]).contiguous()
+    return Stack(a_all, torch.cat([p.b_bd for _, p in parts], dim=1).contiguous(), start, end,
+                 key=(tuple(start.tolist()), tuple(end.tolist())), a_pre=prepacked(a_all))
 
 
 def stack_keep(stack: Stack, table: torch.Tensor) -> torch.Tensor:
@@ -269,7 +326,12 @@ def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: t
     just them, in that order (``table`` stays the whole step's). The weights must be finite
     (a kept column is multiplied by zeros of the others only)."""
     xs = x if rows is None else x.index_select(0, rows)
-    h = torch.mm(*_mm_args(xs, stack.a_all.t()))
+    pre = _pre(xs, stack.a_pre)
+    if pre is None:
+        h = torch.mm(*_mm_args(xs, stack.a_all.t()))
+    else:
+        h = xs.new_empty(xs.shape[0], pre.n)
+        _PREPACK.mm(h, xs, None, pre.arg)
     if keep is None:
         keep = stack_keep(stack, table if rows is None else table.index_select(0, rows))
     h = torch.where(keep, h, torch.zeros((), dtype=h.dtype))
@@ -397,7 +459,12 @@ def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed: Packed,
     (``packed``: the :class:`Packed` of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i].
     Each slice's cores run as one batched op over the rows; the slices' results are joined
     once and expanded block by block on prefill-sized steps (:func:`_expand_packed`)."""
-    h = torch.mm(*_mm_args(x, packed.a_cat.t()))
+    pre = _pre(x, packed.a_pre)
+    if pre is None:
+        h = torch.mm(*_mm_args(x, packed.a_cat.t()))
+    else:
+        h = x.new_empty(x.shape[0], pre.n)
+        _PREPACK.mm(h, x, None, pre.arg)
     parts, col = [], 0
     for i, r in enumerate(packed.ranks):
         if r == 0:

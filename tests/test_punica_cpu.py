@@ -45,7 +45,7 @@ def test_logits_lora_only_where_a_slot_has_weights(route_mode):
     assert not w._any_live(b, [0]) and w._any_live(b, [1])
 
 
-def _layer_case():
+def _layer_case(dtype=torch.float32):
     """(wrapper, layer weights registered for the compiled graph's op, a layer forward as vLLM
     calls it: our shared-basis layer's ``_apply_lora_to_output`` on a stand-in layer)."""
     from types import SimpleNamespace
@@ -55,13 +55,13 @@ def _layer_case():
     from nora_serve.vllm_plugin.layers import SharedBasisLayerMixin
     from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
 
-    lay, plan, want = cases.build()
-    w = NoraPunicaWrapperCPU(64, 16, "cpu")
+    lay, plan, want = cases.build(dtype)
+    w = NoraPunicaWrapperCPU(64, 16, "cpu")  # sets the kernels' prepacked GEMM before packing
     lw = cases.weights(cases.pack_like_layers(lay))  # registered for the op, as layers.py registers its own
     layer = SimpleNamespace(punica_wrapper=w, nora=lw)
 
     def layer_forward(x):
-        y = torch.zeros(x.shape[0], sum(cases.SLICES))
+        y = torch.zeros(x.shape[0], sum(cases.SLICES), dtype=x.dtype)
         return SharedBasisLayerMixin._apply_lora_to_output(layer, x, y) * 1.0
 
     return w, lw, want, layer_forward
@@ -106,17 +106,18 @@ def test_compiled_graph_reads_each_steps_routes():
 
 
 # -- how deep the forward is: vLLM's layer -> the first GEMM of the adapter ---------------------
-GEMMS = {"mm", "addmm", "addmm_", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "linear"}
+GEMMS = {"mm", "addmm", "addmm_", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "linear",
+         "onednn_mm"}  # the last: vLLM's oneDNN GEMM on a reordered weight (bf16 shrinks)
 REPO = str(Path(__file__).resolve().parents[1])
 TESTS = str(Path(__file__).resolve().parent)
 
 
-def _calls_to_first_gemm(fn, *args) -> tuple[int, list[str]]:
+def _calls_to_first_gemm(fn, *args) -> tuple[int, list[str], str]:
     """Run ``fn(*args)`` under ``sys.setprofile``; at the first GEMM (a torch builtin), the
     plugin's Python calls on the stack between the layer and it: frames of this repository
     (not tests), counted up from the one that calls the GEMM until the layer method
     (``_apply_lora_to_output``, ours or vLLM's) or code that is not ours (vLLM's layer, or a
-    compiled graph and torch's op dispatch). Returns (count, their names)."""
+    compiled graph and torch's op dispatch). Returns (count, their names, the GEMM's name)."""
     found: list = []
 
     def profile(frame, event, arg):
@@ -137,7 +138,7 @@ def _calls_to_first_gemm(fn, *args) -> tuple[int, list[str]]:
                 break
             chain.append(f"{Path(path).name}:{f.f_code.co_name}")
             f = f.f_back
-        found.append(chain[::-1])
+        found.append((chain[::-1], arg.__name__))
 
     sys.setprofile(profile)
     try:
@@ -145,30 +146,36 @@ def _calls_to_first_gemm(fn, *args) -> tuple[int, list[str]]:
     finally:
         sys.setprofile(None)
     assert found, "no GEMM ran"
-    return len(found[0]), found[0]
+    return len(found[0][0]), found[0][0], found[0][1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("step", ["mixed", "one-dense", "one-basis"])
-def test_decode_step_reaches_first_gemm_in_three_calls(compiled, step):
+def test_decode_step_reaches_first_gemm_in_three_calls(compiled, step, dtype):
     """A decode step of a shared-basis layer (slice-packed weights, as the CPU server holds
     them): at most three Python calls from vLLM's layer method to the adapter's first GEMM, in
     eager mode (layer -> wrapper's add_nora_linear -> punica_cpu.nora_linear -> cpu_step op)
-    and compiled (graph -> the op's function -> cpu_step op)."""
+    and compiled (graph -> the op's function -> cpu_step op). In bf16 that GEMM is vLLM's
+    oneDNN one on the reordered weight, where this vLLM build has it."""
     import nora_layer_cases as cases
 
-    w, lw, want, layer_forward = _layer_case()
+    from nora_serve.vllm_plugin.punica_cpu import onednn_prepack
+
+    w, lw, want, layer_forward = _layer_case(dtype)
     mapping = {"mixed": cases.MAPPING, "one-dense": (11,) * 4, "one-basis": (12,) * 4}[step]
-    x = torch.randn(len(mapping), cases.D_IN, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(len(mapping), cases.D_IN, generator=torch.Generator().manual_seed(4)).to(dtype)
     _map(w, mapping)
     fn = layer_forward
     if compiled:
         fn = torch.compile(layer_forward, fullgraph=True, dynamic=True)
         fn(x)  # trace and compile outside the measurement
-    n, chain = _calls_to_first_gemm(fn, x)
+    n, chain, gemm = _calls_to_first_gemm(fn, x)
     assert n <= 3, chain
     assert chain[0] == ("punica_cpu.py:nora_linear" if compiled else "punica_cpu.py:add_nora_linear")
     assert chain[-1].startswith("cpu_step.py:"), chain
+    if dtype == torch.bfloat16 and step != "mixed" and onednn_prepack() is not None:
+        assert gemm == "onednn_mm", (gemm, chain)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -201,9 +208,50 @@ def test_stock_layer_reaches_first_gemm_in_three_calls(compiled):
     if compiled:
         fn = torch.compile(layer_forward, fullgraph=True, dynamic=True)
         torch.testing.assert_close(fn(x), layer_forward(x))
-    n, chain = _calls_to_first_gemm(fn, x)
+    n, chain, _ = _calls_to_first_gemm(fn, x)
     assert n <= 3, chain
     assert chain[-1] == "cpu_step.py:lora_linear", chain
+
+
+def test_prepacked_shrinks_give_torch_mm_bits():
+    """bf16 shrinks through vLLM's oneDNN GEMM on reordered weights (one adapter's rows, the
+    dense stack, a shared basis) give exactly what torch.mm gives: serving outputs do not
+    change with it."""
+    from nora_serve.kernels import cpu_step
+    from nora_serve.vllm_plugin.punica_cpu import onednn_prepack
+
+    prepack = onednn_prepack()
+    if prepack is None:
+        pytest.skip("this vLLM build has no oneDNN GEMM")
+    g = torch.Generator().manual_seed(9)
+    slices, d_in, rows = (48, 16, 16), 64, 37
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(torch.bfloat16)
+
+    slots = [([rnd(r, d_in) for r in (8, 4, 8)], [rnd(n, r) for n, r in zip(slices, (8, 4, 8))])
+             for _ in range(3)]
+    x = rnd(rows, d_in)
+    table = torch.tensor([i % 3 for i in range(rows)])
+    cores = [rnd(3, r, r) for r in (8, 4, 8)]
+    core_idx = table.clone()
+    out = {}
+    try:
+        for name, pre in (("prepacked", prepack), ("torch.mm", None)):
+            cpu_step.set_prepack(pre)
+            packed = [cpu_step.pack_slices(a, b, slices) for a, b in slots]
+            stack = cpu_step.stack_packed(packed)
+            assert (packed[0].a_pre is not None and stack.a_pre is not None) == (pre is not None)
+            ys = [torch.zeros(rows, sum(slices), dtype=torch.bfloat16) for _ in range(3)]
+            cpu_step.packed_lora_linear(ys[0], x, packed, cpu_step.build_route(torch.full((rows,), 1)))
+            cpu_step.stacked_lora_linear(ys[1], x, stack, table)
+            cpu_step.packed_shared_basis_linear(ys[2], x, packed[2], cores, core_idx, None, -1)
+            out[name] = ys
+    finally:
+        cpu_step.set_prepack(prepack)
+    for got, want in zip(out["prepacked"], out["torch.mm"]):
+        assert want.abs().sum() > 0
+        assert torch.equal(got, want)
 
 
 def test_both_wrappers_implement_the_plugins_ops():

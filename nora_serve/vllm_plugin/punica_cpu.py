@@ -137,6 +137,21 @@ def lora_embedding(y: Tensor, x: Tensor, wrapper: int, lora_b: Tensor, add_input
         y[:, :n].index_add_(0, rows, delta[:, :n])
 
 
+def onednn_prepack() -> cpu_step.Prepack | None:
+    """vLLM's oneDNN GEMM on a reordered weight (what its CPU linear layers run), for the
+    kernels' shrinks (``cpu_step.set_prepack``); ``None`` where this build has none."""
+    from vllm._custom_ops import _supports_onednn, create_onednn_mm
+
+    if not _supports_onednn:
+        return None
+
+    def make(w: Tensor):
+        handler = create_onednn_mm(w.t(), 32)  # [k, n], as vLLM passes its layers' weights
+        return handler, handler.handler_tensor
+
+    return cpu_step.Prepack(make, torch.ops._C.onednn_mm)
+
+
 lora_linear_op = opaque.custom_op("cpu_lora_linear", lora_linear)
 nora_linear_op = opaque.custom_op("cpu_nora_linear", nora_linear)
 lora_embedding_op = opaque.custom_op("cpu_lora_embedding", lora_embedding)
@@ -158,6 +173,7 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, *,
                  state: WorkerState | None = None, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        cpu_step.set_prepack(onednn_prepack())  # before any adapter's weights are packed
         self.state = state if state is not None else WorkerState()
         self._nora_key = opaque.register(self)
         self._step: Step | None = None

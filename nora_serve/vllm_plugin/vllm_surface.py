@@ -149,6 +149,11 @@ TABLE: tuple[Name, ...] = tuple(
             ("SchedulerStats.waiting_lora_adapters", "as above"))
     # -- worker -------------------------------------------------------------------------------
     + _rows(_PCPU, "subclass", ("PunicaWrapperCPU", "NoraPunicaWrapperCPU: mixed batches, ranks, shared basis"))
+    + _rows("vllm._custom_ops", "import",
+            ("_supports_onednn", "CPU: whether this build has oneDNN's GEMM on reordered weights, "
+             "for the adapters' shrinks (punica_cpu.onednn_prepack)"),
+            ("create_onednn_mm", "reorders a slot's or a basis's A; the kernels then call its op "
+             "torch.ops._C.onednn_mm(out, x, None, handler_tensor), as vLLM's CPU linear layers do"))
     + _rows(_PGPU, "subclass", ("PunicaWrapperGPU", "NoraPunicaWrapperGPU: rank-aware kernels, shared basis"))
     + _rows(_PB, "override",
             ("PunicaWrapperBase.update_metadata", "each step's routes, built once",
