@@ -28,6 +28,7 @@ from nora_serve.serving.state import WorkerState
 from nora_serve.serving.storage import LayerWeights
 
 from . import opaque
+from .log import logger
 from .punica_base import NoraPunicaOps
 
 Tensor = torch.Tensor
@@ -55,6 +56,16 @@ def _w(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     """One slot of a stacked weight ``[max_loras, 1, a, b]`` (or ``[max_loras, a, b]``)."""
     w = stacked[slot]
     return w[0] if w.dim() == 3 else w
+
+
+# The dense paths this process has taken, each logged the first time: which one a step ran is
+# otherwise invisible (tests and users read it in the worker's log).
+_DENSE_PATHS_SEEN: set[str] = set()
+
+
+def _dense_path_first(path: str, rows: int, slots: int) -> None:
+    _DENSE_PATHS_SEEN.add(path)
+    logger.info("nora: CPU dense adapters: first step on the %s path (%d rows, %d slots)", path, rows, slots)
 
 
 def lora_linear(y: Tensor, x: Tensor, wrapper: int, lora_a: list[Tensor], lora_b: list[Tensor],
@@ -91,8 +102,16 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
         batch = cpu_step.batch_covering(w.dense_batch(), padded) if padded is not None else None
         stack = w.dense_stack() if many and batch is None else None
         if batch is not None:
-            cpu_step.batched_lora_linear(y, x, batch, padded)
+            path = "batched"
         elif stack is not None and stack.width <= cpu_step.STACK_MAX_COLUMNS:
+            path = "stacked"
+        else:
+            path = "one" if dense.mode == cpu_step.ALL else "segments"
+        if path not in _DENSE_PATHS_SEEN:
+            _dense_path_first(path, n, len(dense.slots))
+        if batch is not None:
+            cpu_step.batched_lora_linear(y, x, batch, padded)
+        elif path == "stacked":
             cpu_step.stacked_lora_linear(y, x, stack, keep=step.stack_keep(stack), rows=step.dense_rows())
         else:
             cpu_step.packed_lora_linear(y, x, w.packed_dense, dense)
