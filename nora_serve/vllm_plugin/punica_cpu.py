@@ -109,7 +109,7 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
             path = "one" if dense.mode == cpu_step.ALL else "segments"
         if path not in _DENSE_PATHS_SEEN:
             _dense_path_first(path, n, len(dense.slots))
-        if batch is not None:
+        if path == "batched":
             cpu_step.batched_lora_linear(y, x, batch, padded)
         elif path == "stacked":
             cpu_step.stacked_lora_linear(y, x, stack, keep=step.stack_keep(stack), rows=step.dense_rows())
