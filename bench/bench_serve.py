@@ -331,8 +331,8 @@ def summarize(results: list[dict], modes: dict[str, Mode]) -> list[dict]:
                 row.update(vs_base_median=statistics.median(ratios), vs_base_min=min(ratios),
                            vs_base_max=max(ratios))
                 if name != ref:
-                    local = [key(x) / near(i, ref) for i, x in enumerate(results)
-                             if x["mode"] == name and "error" not in x and near(i, ref)]
+                    local = [key(x) / b for i, x in enumerate(results)
+                             if x["mode"] == name and "error" not in x and (b := near(i, ref))]
                     if local:
                         row.update(vs_near_median=statistics.median(local), vs_near_min=min(local),
                                    vs_near_max=max(local))
