@@ -190,6 +190,10 @@ TABLE: tuple[Name, ...] = tuple(
             ("WorkerLoRAManager.add_dummy_lora", "warm-up adapters hold no storage"),
             ("LRUCacheWorkerLoRAManager._apply_adapters", "a step's resident adapters without "
              "vLLM's O(resident) lookup; stale slot metadata rebuilt"))
+    + _rows(_WM, "write",
+            ("WorkerLoRAManager.list_adapters", "shadowed per instance by the registered table's keys "
+             "during add_dummy_lora (vLLM builds a set of every adapter per dummy)", False,
+             "WorkerLoRAManager.add_dummy_lora"))
     + _rows(_WM, "read",
             ("WorkerLoRAManager._adapter_manager", "the LoRAModelManager", True),
             ("WorkerLoRAManager.lora_config", "max rank, dtype", True))
