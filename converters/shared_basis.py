@@ -57,24 +57,27 @@ def shared_basis_method(path: str | Path) -> str | None:
     return method if is_method(method) and get_method(method).shared_basis else None
 
 
-def split_shared_basis(path: str | Path, basis: str | Path | None = None) -> SharedBasisSplit:
+def split_shared_basis(path: str | Path, basis: str | Path | None = None, *, deltas=None) -> SharedBasisSplit:
     """Basis and cores of a native shared-basis adapter (validate it with the reader first).
     Format_version 1: the basis from its own file, keyed by content; 2: the basis file its
     digest names (looked for as :func:`~.basis_file.find_basis` does, ``basis`` first), and the
-    key is that digest."""
+    key is that digest. ``deltas``: the reader's result for this adapter, whose config and
+    tensors are then used instead of reading the files again."""
     path = Path(path)
-    cfg = read_json(path / CONFIG_NAME)
+    cfg = (deltas.config if deltas is not None else None) or read_json(path / CONFIG_NAME)
     method = cfg["method"]
     spec = get_method(method)
     if not spec.shared_basis:
         raise ValueError(f"{path / CONFIG_NAME}: method {method!r} has no shared basis")
     a_name, b_name = spec.shared
     scale = method_scale(cfg)
-    flat = load_safetensors(path / WEIGHTS_NAME)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        module, _, name = key.rpartition(".")
-        per_module.setdefault(module, {})[name] = t
+    if deltas is not None:  # each module's tensors as the file held them (v2: the basis merged in)
+        per_module = {m: dict(e.raw) for m, e in deltas.entries.items()}
+    else:
+        for key, t in load_safetensors(path / WEIGHTS_NAME).items():
+            module, _, name = key.rpartition(".")
+            per_module.setdefault(module, {})[name] = t
     bfile = None
     if cfg.get("format_version") == FORMAT_VERSION_CORES:
         bfile, basis_t = load_shared_basis(path, cfg, basis)

@@ -124,10 +124,10 @@ def mark_dummy(state: WorkerState, lora_int_id: int) -> None:
 
 
 def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
-    from safetensors.torch import load_file
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
+    from nora_serve.converters.tensors_io import load_safetensors
     from nora_serve.serving.scheduling import adapter_kind
 
     if state.plan is None:
@@ -136,11 +136,13 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
     entry = adapter_kind(state.settings, manager.lora_config, request.lora_path)
     if entry is None:
         return None
-    cores = load_file(str(entry.cores))
+    cores = load_safetensors(entry.cores)
     missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
     dtype = manager.lora_config.lora_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    loras = {m: LoRALayerWeights(m, c.shape[0], 1, c.to(dtype), torch.zeros(0, c.shape[0], dtype=dtype),
+    no_b = {}  # the cores' empty B, one per rank: nothing reads it (set_lora takes the core as A)
+    loras = {m: LoRALayerWeights(m, c.shape[0], 1, c.to(dtype),
+                                 no_b.setdefault(c.shape[0], torch.zeros(0, c.shape[0], dtype=dtype)),
                                  scaling=1.0) for m, c in cores.items() if m not in missing}
     rank = entry.rank
     if missing:

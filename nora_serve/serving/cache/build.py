@@ -112,7 +112,7 @@ def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_mode
         if form == "cores":
             from nora_serve.converters.shared_basis import split_shared_basis
 
-            split = split_shared_basis(src_path)
+            split = split_shared_basis(src_path, deltas=deltas)
         if split is not None and (max_rank is None or split.rank <= max_rank):
             # Served from its cores: its fold (rank <= the basis rank) is made only if a worker
             # needs it in a dense slot.
