@@ -23,12 +23,13 @@ from .log import logger
 UNKNOWN = "?"
 
 
-def adapter_kind(settings, lora_config, path: str):
+def adapter_kind(settings, lora_config, path: str, *, trusted=None):
     """The shared-basis entry an adapter is stored by (cores on a resident basis), or ``None``
-    when it takes a dense slot. One rule for the scheduler and the workers."""
+    when it takes a dense slot. One rule for the scheduler and the workers. ``trusted``: see
+    :func:`~.cache.trust.shared_basis_entry`."""
     if not settings.shared_basis_for(lora_config):
         return None
-    entry = shared_basis_entry(path, settings.cache_path)
+    entry = shared_basis_entry(path, settings.cache_path, trusted=trusted)
     return entry if entry is not None and settings.keeps_as_cores(entry.rank) else None
 
 

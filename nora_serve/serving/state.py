@@ -40,6 +40,10 @@ class WorkerState:
         # Bytes of each loaded adapter's weights, and what the metrics last reported (metrics.py).
         self.adapter_bytes: dict[int, int] = {}
         self.reported_residency: tuple | None = None
+        # --nora-preload-store's bulk load in progress: one summary line, not a line per adapter.
+        self.preloading = False
+        # Where the next free slot is looked for first (slots fill in order during a preload).
+        self.free_slot_hint = 0
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "WorkerState":

@@ -6,6 +6,8 @@ Every function takes the worker's :class:`~.state.WorkerState`; ``hooks.py`` cal
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .log import logger
@@ -14,10 +16,12 @@ from nora_serve.serving.storage import BASIS, DENSE, EMPTY, AdapterStorage
 
 
 def convert_request(state: WorkerState, manager, lora_request, *, folded: bool = False):
-    """The same request, pointing at its cache entry (converted into the cache if needed): a
-    stock PEFT LoRA, or for a shared-basis adapter its cores (``folded``: its PEFT LoRA)."""
+    """``(request, entry)``: the same request, pointing at its cache entry (converted into the
+    cache if needed): a stock PEFT LoRA, or for a shared-basis adapter its cores (``folded``:
+    its PEFT LoRA); ``entry`` the entry's directory, checked by ``prepare_adapter`` (``None``
+    without nora)."""
     if state.settings is None:
-        return lora_request
+        return lora_request, None
     import msgspec
     from vllm.exceptions import LoRAAdapterNotFoundError
     from vllm.lora.utils import get_adapter_absolute_path
@@ -38,9 +42,10 @@ def convert_request(state: WorkerState, manager, lora_request, *, folded: bool =
         raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
     if prepared.converted_now:
         logger.info("nora: converted %s adapter %s -> %s", prepared.fmt, path, prepared.path)
+    entry = Path(prepared.path).parent
     if prepared.path == lora_request.lora_path:
-        return lora_request
-    return msgspec.structs.replace(lora_request, lora_path=prepared.path)
+        return lora_request, entry
+    return msgspec.structs.replace(lora_request, lora_path=prepared.path), entry
 
 
 # -- shared-basis storage ----------------------------------------------------------------------
@@ -66,9 +71,9 @@ def load_adapter(state: WorkerState, manager, orig_load, lora_request):
 
 
 def _load(state: WorkerState, manager, orig_load, lora_request):
-    request = convert_request(state, manager, lora_request)
+    request, entry = convert_request(state, manager, lora_request)
     lid = lora_request.lora_int_id
-    model = _load_cores(state, manager, lora_request, orig_load, request) if state.settings else None
+    model = _load_cores(state, manager, lora_request, orig_load, request, entry) if state.settings else None
     if model is None:
         model = orig_load(manager, _dense(state, manager, lora_request, request))
         rank = state.record_rank(lid, model)
@@ -84,11 +89,9 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
 def _dense(state: WorkerState, manager, lora_request, request):
     """``request`` as a PEFT LoRA vLLM can load: a cores-only entry is folded first (once, into
     an entry of its own), only now that this adapter needs a dense slot."""
-    from pathlib import Path
-
     if state.settings is None or (Path(request.lora_path) / "adapter_config.json").is_file():
         return request
-    return convert_request(state, manager, lora_request, folded=True)
+    return convert_request(state, manager, lora_request, folded=True)[0]
 
 
 def _weight_bytes(lora_model) -> int:
@@ -123,7 +126,7 @@ def mark_dummy(state: WorkerState, lora_int_id: int) -> None:
     state.adapter_storage[lora_int_id] = AdapterStorage(EMPTY)
 
 
-def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
+def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, checked):
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
@@ -133,7 +136,8 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
     if state.plan is None:
         return None
     # The scheduler admitted this request with the same rule (scheduling.adapter_kind).
-    entry = adapter_kind(state.settings, manager.lora_config, request.lora_path)
+    # ``checked``: the entry prepare_adapter just checked, under the cache lock load_adapter holds.
+    entry = adapter_kind(state.settings, manager.lora_config, request.lora_path, trusted=checked)
     if entry is None:
         return None
     cores = load_safetensors(entry.cores)
@@ -141,9 +145,9 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
     dtype = manager.lora_config.lora_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     no_b = {}  # the cores' empty B, one per rank: nothing reads it (set_lora takes the core as A)
-    loras = {m: LoRALayerWeights(m, c.shape[0], 1, c.to(dtype),
+    loras = {m: LoRALayerWeights(m, c.shape[0], 1, c,
                                  no_b.setdefault(c.shape[0], torch.zeros(0, c.shape[0], dtype=dtype)),
-                                 scaling=1.0) for m, c in cores.items() if m not in missing}
+                                 scaling=1.0) for m, c in _cast(cores, dtype).items() if m not in missing}
     rank = entry.rank
     if missing:
         # Layers without shared-basis storage keep vLLM's own (one slot per adapter): those
@@ -165,9 +169,22 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request):
                                                 basis_path=str(entry.basis), name=lora_request.lora_name)
     state.adapter_ranks[lid] = rank
     size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
-    logger.info("nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
-                lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
+    (logger.debug if state.preloading else logger.info)(
+        "nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
+        lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
     return model
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """``tensors`` in ``dtype``, one cast per shape (every core of an adapter has one or two
+    shapes: a cast per module cost 3x more in a bulk load of thousands)."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        by_shape.setdefault(tuple(t.shape), []).append(name)
+    out = {}
+    for names in by_shape.values():
+        out.update(zip(names, torch.stack([tensors[n] for n in names]).to(dtype).unbind(0)))
+    return out
 
 
 def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -> bool:
@@ -179,10 +196,15 @@ def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -
     slots = adapter_manager.lora_index_to_id
 
     def first_free_slot():  # the slot vLLM's activate_adapter will take (list.index: no Python loop)
+        # A preload fills slots in order and frees none: from where the last one went (scanning
+        # from 0 each time was quadratic over thousands of activations).
+        start = state.free_slot_hint if state.preloading and state.free_slot_hint < len(slots) else 0
         try:
-            return slots.index(None)
+            i = slots.index(None, start)
         except ValueError:
             return None
+        state.free_slot_hint = i
+        return i
 
     if first_free_slot() is None:
         return orig_activate(adapter_manager, lora_id)  # vLLM raises its own error
@@ -210,11 +232,21 @@ def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
     a basis group) is taken stays resident without a slot until a step needs it. ``(name,
     error)`` per entry, error ``""`` when it is resident; an adapter that fails is that adapter's
     error, never the engine's."""
-    from vllm.lora.request import LoRARequest
-
     manager = worker.model_runner.lora_manager
     adapters = manager._adapter_manager
     out: list[tuple[str, str]] = []
+    state.preloading, state.free_slot_hint = True, 0
+    try:
+        _preload(state, manager, adapters, entries, out)
+    finally:
+        state.preloading = False
+    report_residency(state, adapters)
+    return out
+
+
+def _preload(state: WorkerState, manager, adapters, entries, out) -> None:
+    from vllm.lora.request import LoRARequest
+
     for name, lid, path in entries:
         try:
             if lid not in adapters._registered_adapters:
@@ -232,8 +264,6 @@ def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
             out.append((name, ""))
         except Exception as e:  # this adapter's fault: it is left to its first request
             out.append((name, " ".join(str(e).split())[:500] or type(e).__name__))
-    report_residency(state, adapters)
-    return out
 
 
 class NoraWorkerExtension:

@@ -91,10 +91,13 @@ class SharedBasisEntry:
     basis: Path
 
 
-def shared_basis_entry(path: str | Path, cache_dir: str | Path) -> SharedBasisEntry | None:
+def shared_basis_entry(path: str | Path, cache_dir: str | Path, *,
+                       trusted: Path | None = None) -> SharedBasisEntry | None:
     """The shared-basis parts of a trusted cache entry (``<cache_dir>/<key>/adapter``), or
-    ``None`` when the entry is a plain LoRA only (or not one this cache wrote)."""
-    entry = trusted_entry(path, cache_dir)
+    ``None`` when the entry is a plain LoRA only (or not one this cache wrote). ``trusted``: the
+    entry directory of ``path`` when the caller has just checked it (``prepare_adapter``, with the
+    cache's reading lock still held): not hashed again."""
+    entry = trusted if trusted is not None and Path(path).parent == trusted else trusted_entry(path, cache_dir)
     if entry is None:
         return None
     info = (read_marker(entry) or {}).get("shared_basis")
