@@ -16,7 +16,7 @@ from .basis_file import DIGEST, find_basis, read_basis
 from .errors import AdapterError
 from .method_entries import method_entry
 from .reader_common import _check_alpha, _check_modules_complete, _check_tensors, _dtype_of, _num, _require
-from .tensors_io import load_safetensors, read_json
+from .tensors_io import all_finite, load_safetensors, read_json
 
 
 def _is_native_config(cfg: dict) -> bool:
@@ -112,8 +112,9 @@ def _read_native(path: Path, base: Path | None, opts: dict) -> AdapterDeltas:
         if missing:
             raise AdapterError("module listed in target_modules has no tensors", file=wfile,
                                module=missing[0], tensor=f"{missing[0]}.{names[0]}")
+    finite = all_finite(tensors.values())  # one pass; per tensor only to name a culprit
     for module in sorted(groups):
-        _check_tensors(groups[module], wfile, module, disk, vectors=spec.vectors)
+        _check_tensors(groups[module], wfile, module, disk, vectors=spec.vectors, finite=finite)
     bfile = None
     if cores_only:
         bfile, basis = load_shared_basis(path, cfg, opts.get("basis"))

@@ -20,22 +20,26 @@ def _check_2d(t: torch.Tensor, file: Path, module: str, tensor: str) -> None:
     _require(t.ndim == 2, f"expected a 2-D tensor, got shape {tuple(t.shape)}", file, module, tensor)
 
 
-def _check_float(t: torch.Tensor, file: Path, module: str, tensor: str) -> None:
+def _check_float(t: torch.Tensor, file: Path, module: str, tensor: str, *, finite: bool = False) -> None:
+    """Floating point and finite (``finite``: already known, e.g. by ``all_finite`` over its file)."""
     _require(t.is_floating_point(), f"expected floating-point weights, got {t.dtype}", file, module, tensor)
-    check_finite(t, file=file, module=module, tensor=tensor)
+    if not finite:
+        check_finite(t, file=file, module=module, tensor=tensor)
 
 
 def _check_tensors(ts: dict[str, torch.Tensor], file: Path, module: str,
-                   disk_name: Callable[[str, str], str], vectors: tuple[str, ...] = ()) -> None:
+                   disk_name: Callable[[str, str], str], vectors: tuple[str, ...] = (),
+                   finite: bool = False) -> None:
     """Each of a module's tensors is 2-D (1-D for the names in ``vectors``) and finite
-    floating point; errors name the tensor as ``disk_name(module, name)``."""
+    floating point; errors name the tensor as ``disk_name(module, name)``. ``finite``: every
+    tensor is known to be finite already."""
     for n, v in ts.items():
         if n in vectors:
             _require(v.ndim == 1, f"expected a 1-D tensor, got shape {tuple(v.shape)}", file, module,
                      disk_name(module, n))
         else:
             _check_2d(v, file, module, disk_name(module, n))
-        _check_float(v, file, module, disk_name(module, n))
+        _check_float(v, file, module, disk_name(module, n), finite=finite)
 
 
 def _num(cfg: dict, key: str, file: Path, *, default=None, kind=float):

@@ -98,6 +98,13 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` is finite, in one pass (per-tensor
+    checks then only need to run to name the culprit)."""
+    flat = [t.reshape(-1) for t in tensors if t.is_floating_point()]
+    return not flat or bool(torch.isfinite(torch.cat(flat)).all())
+
+
 def check_finite(t: torch.Tensor, *, file: Path, module: str | None, tensor: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
