@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from stat import S_ISREG
 
 import torch
 
@@ -61,13 +62,13 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load, load_file
 
     try:
-        size = path.stat().st_size
+        st = path.stat()  # one stat: is it a file, and how large
     except OSError:
-        size = None
-    if size is None or not path.is_file():
+        st = None
+    if st is None or not S_ISREG(st.st_mode):
         raise AdapterError("missing file", file=path)
     try:
-        if size <= SMALL_FILE:
+        if st.st_size <= SMALL_FILE:
             return load(path.read_bytes())
         return load_file(str(path))
     except Exception as e:
