@@ -321,3 +321,53 @@ def test_step_limits_available_checks_again_only_what_changed(shared, tmp_path, 
     assert limits.available(req) and len(lookups) == 3
     shutil.rmtree(src)  # the adapter is gone: its request fails
     assert not limits.available(req)
+
+
+def test_bulk_loaded_cores_are_laid_out_as_set_lora_lays_them():
+    """A preload sets every slot's cores aside and writes them per slice in one copy
+    (``nora_flush_cores``): the slots' storage must end up exactly as one ``set_lora`` per
+    slot leaves it, stale blocks cleared, smaller cores zero-padded to the group's rank."""
+    from types import SimpleNamespace
+
+    from nora_serve.serving.state import WorkerState
+    from nora_serve.serving.storage import BASIS, Activation, AdapterStorage
+    from nora_serve.vllm_plugin.layers import SharedBasisLayerMixin as M
+
+    R, L, G = 16, 8, 2
+    group_rank = [[16, 8], [8, 8], [12, 4]]  # per slice, per group
+
+    def layer():
+        state = WorkerState()
+        torch.manual_seed(0)
+        lay = SimpleNamespace(
+            nora_state=state, nora_plan=SimpleNamespace(core_rank=R), _nora_pending={},
+            nora_cores=[torch.randn(L * R * R) for _ in range(3)],  # stale: a warm-up's leftovers
+            nora_core_ranks=torch.full((3, L), 7, dtype=torch.int32),
+            nora_group_rank=group_rank, _load_basis=lambda act: None)
+        for name in ("_activation", "_clear_cores", "set_lora", "nora_flush_cores"):
+            setattr(lay, name, getattr(M, name).__get__(lay))
+        return lay
+
+    gen = torch.Generator().manual_seed(1)
+    slots = {1: (0, [torch.randn(16, 16, generator=gen), torch.randn(8, 8, generator=gen),
+                     torch.randn(8, 8, generator=gen)]),   # padded to 12 in slice 2
+             3: (1, [torch.randn(8, 8, generator=gen), None, torch.randn(4, 4, generator=gen)]),
+             6: (0, [torch.randn(16, 16, generator=gen), torch.randn(8, 8, generator=gen), None])}
+    one_by_one, bulk = layer(), layer()
+    for lay, preloading in ((one_by_one, False), (bulk, True)):
+        lay.nora_state.preloading = preloading
+        for slot, (group, cores) in slots.items():
+            lay.nora_state.activation = Activation(slot, AdapterStorage(BASIS, rank=16, basis_key="k"), group=group)
+            lay.set_lora(slot, cores, None)
+        lay.nora_state.activation = None
+    assert bulk._nora_pending and torch.equal(bulk.nora_core_ranks, torch.full((3, L), 7, dtype=torch.int32))
+    bulk.nora_flush_cores()
+    assert not bulk._nora_pending
+    assert torch.equal(bulk.nora_core_ranks, one_by_one.nora_core_ranks)
+    assert one_by_one.nora_core_ranks[2, 1] == 12 and one_by_one.nora_core_ranks[1, 3] == 0
+    for got, want in zip(bulk.nora_cores, one_by_one.nora_cores):
+        assert torch.equal(got, want)
+    # The untouched slots keep what they held; the written ones hold their cores.
+    assert torch.equal(bulk.nora_cores[0][0:R * R], layer().nora_cores[0][0:R * R])
+    blk = bulk.nora_cores[2][1 * R * R: 1 * R * R + 144].view(12, 12)
+    assert torch.equal(blk[:8, :8], slots[1][1][2]) and not blk[8:].any() and not blk[:, 8:].any()

@@ -62,6 +62,9 @@ class SharedBasisLayerMixin:
         self.nora_group_rank = [[0] * G for _ in range(self.n_slices)]
         self.nora_group_key: list[str | None] = [None] * G
         self._nora_dense_call = False
+        # A bulk load's cores by slot, [(core, stored rank) or None per slice], written in one
+        # indexed copy per slice by nora_flush_cores (a copy per slot cost a third of the load).
+        self._nora_pending: dict[int, list] = {}
         # CPU: each dense index's and each group's weights with the slices packed together
         # (``kernels.cpu_step.pack_slices``), rebuilt when a slot or basis is set.
         self.nora_cpu = torch.device(dev).type == "cpu"
@@ -101,6 +104,7 @@ class SharedBasisLayerMixin:
 
     def _clear_cores(self, index: int) -> None:
         R = self.nora_plan.core_rank
+        self._nora_pending.pop(index, None)
         self.nora_core_ranks[:, index] = 0
         for cores in self.nora_cores:  # the CPU path reads a group's cores as whole blocks
             cores[index * R * R:(index + 1) * R * R].zero_()
@@ -154,6 +158,13 @@ class SharedBasisLayerMixin:
 
     def set_lora(self, index: int, lora_a, lora_b):
         act = self._activation(index)
+        if act.storage.kind == BASIS and self.nora_state.preloading:
+            self._load_basis(act)
+            cores = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
+            self._nora_pending[index] = [
+                None if c is None else (c, max(c.shape[0], self.nora_group_rank[i][act.group]))
+                for i, c in enumerate(cores)]
+            return
         self._clear_cores(index)
         if act.storage.kind == DENSE:
             with self._dense_call():
@@ -175,6 +186,33 @@ class SharedBasisLayerMixin:
                 block = self.nora_cores[i][index * R * R : index * R * R + r * r].view(r, r)
                 block[: core.shape[0], : core.shape[1]].copy_(core)
                 self.nora_core_ranks[i, index] = r
+
+    def nora_flush_cores(self) -> None:
+        """Write the cores ``set_lora`` set aside during a bulk load: per slice, the slots' blocks
+        cleared, then one indexed copy per (stored rank, core shape), as ``set_lora`` lays them out
+        (``r x r`` row-major at ``slot * R * R``, zero-padded up to the group's basis rank)."""
+        pending, self._nora_pending = self._nora_pending, {}
+        if not pending:
+            return
+        R, dev = self.nora_plan.core_rank, self.nora_core_ranks.device
+        slots = torch.tensor(list(pending), dtype=torch.long, device=dev)
+        self.nora_core_ranks[:, slots] = 0
+        for i, flat in enumerate(self.nora_cores):
+            blocks = flat.view(-1, R * R)
+            blocks.index_fill_(0, slots, 0)
+            by_shape: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+            for slot, per_slice in pending.items():
+                if per_slice[i] is not None:
+                    core, r = per_slice[i]
+                    group = by_shape.setdefault((r, *core.shape), ([], []))
+                    group[0].append(slot)
+                    group[1].append(core)
+            for (r, h, w), (ss, cs) in by_shape.items():
+                idx = torch.tensor(ss, dtype=torch.long, device=dev)
+                z = blocks.new_zeros(len(ss), R * R)
+                z[:, : r * r].view(-1, r, r)[:, :h, :w] = torch.stack(cs).to(z.device)
+                blocks.index_copy_(0, idx, z)
+                self.nora_core_ranks[i, idx] = r
 
     def _load_basis(self, act: storage.Activation) -> None:
         """Copy the activation's basis into its group, unless this layer holds it already."""

@@ -297,26 +297,60 @@ WORKER_PRELOAD = "nora_preload_store"
 class StorePreload:
     """``--nora-preload-store``, its first half: every adapter of the store converted (or found)
     in the cache in one pass, in a thread started while the engine starts (compiling the model
-    takes a minute; the conversion overlaps it). Names are taken in sorted order until ``limit``
-    (``--max-cpu-loras``) adapters are ready; a name that is no adapter is skipped, one the
-    conversion refuses is logged and skipped (its requests get their 400, as without preload).
-    Each ticket's entry stays pinned (kept from eviction) until :func:`preload_store` settles it."""
+    takes a minute; the conversion overlaps it, and once the engine runs, the workers load what
+    is ready while the rest converts: :meth:`next_chunk`). Names are taken in sorted order until
+    ``limit`` (``--max-cpu-loras``) adapters are ready; a name that is no adapter is skipped, one
+    the conversion refuses is logged and skipped (its requests get their 400, as without
+    preload). Each ticket's entry stays pinned (kept from eviction) until :func:`preload_store`
+    settles it."""
 
     def __init__(self, front: "FrontEnd", limit: int | None):
         self.front = front
         self.limit = limit
-        self.tickets: list[tuple[str, Ticket]] = []
+        self.tickets: list[tuple[str, Ticket]] = []  # ready, not yet taken by next_chunk
+        self.ready = 0  # tickets made in all
         self.refused = 0
         self.seconds = 0.0
+        self._done = False
+        self._stop = False
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="nora-preload", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def join(self) -> None:
+    def next_chunk(self, n: int) -> list[tuple[str, "Ticket"]]:
+        """Up to ``n`` ready tickets, waiting until ``n`` are ready or the pass has ended;
+        ``[]`` once it has ended and every ticket was taken."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done or len(self.tickets) >= n)
+            chunk, self.tickets = self.tickets[:n], self.tickets[n:]
+            return chunk
+
+    def stop(self) -> list[tuple[str, "Ticket"]]:
+        """End the pass (after the adapter being converted now): the tickets never taken."""
+        with self._cond:
+            self._stop = True
         self._thread.join()
+        with self._cond:
+            rest, self.tickets = self.tickets, []
+            return rest
+
+    def _add(self, name: str, ticket: "Ticket") -> None:
+        with self._cond:
+            self.tickets.append((name, ticket))
+            self.ready += 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
+        try:
+            self._convert_all()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _convert_all(self) -> None:
         t0 = time.perf_counter()
         store = self.front.store
         try:
@@ -326,7 +360,7 @@ class StorePreload:
             return
         try:
             for name in names:
-                if self.limit is not None and len(self.tickets) >= self.limit:
+                if self._stop or (self.limit is not None and self.ready >= self.limit):
                     break
                 p = store.path_for(name)
                 if p is None:
@@ -343,45 +377,53 @@ class StorePreload:
                     logger.warning("nora: store adapter %s not preloaded: %s", name,
                                    self.front._relative(str(e), str(p)))
                     continue
-                self.tickets.append((name, ticket))
+                self._add(name, ticket)
         except Exception as e:  # never the server's start
             logger.error("nora: preloading the store stopped: %s", e)
         self.seconds = time.perf_counter() - t0
         logger.info("nora: store %s: %d adapters ready in the cache for preloading (%d refused) in %.1f s",
-                    store.adapter_dir, len(self.tickets), self.refused, self.seconds)
+                    store.adapter_dir, self.ready, self.refused, self.seconds)
 
 
 async def preload_store(front: FrontEnd, models) -> None:
     """``--nora-preload-store``, its second half, once the engine runs (from
     ``OpenAIServingModels.init_static_loras``, before the server answers): the adapters of the
-    pass (:class:`StorePreload`) loaded by every worker in bulk (a few engine calls of
-    ``PRELOAD_CHUNK`` each, no request step in between), then known to this API server as
-    resolved store adapters, under the ids of their cache keys. Their first request is then a
-    resident one. An adapter a worker refuses is left to its first request (which answers its
-    400); a failing engine call ends the preload, not the server."""
+    pass (:class:`StorePreload`) loaded by every worker in bulk (engine calls of
+    ``PRELOAD_CHUNK`` each, sent as the pass readies them, no request step in between), then
+    known to this API server as resolved store adapters, under the ids of their cache keys.
+    Their first request is then a resident one. An adapter a worker refuses is left to its
+    first request (which answers its 400); a failing engine call ends the preload, not the
+    server."""
     pre = front.preload
     if pre is None or not front.enabled:
         return
-    await asyncio.to_thread(pre.join)
-    tickets, pre.tickets = pre.tickets, []
     t0 = time.perf_counter()
     loaded = failed = 0
+    engine_s = 0.0
+    pinned: list = []
     try:
-        todo = [(name, t) for name, t in tickets if name not in models.lora_requests]  # --lora-modules win
-        for i in range(0, len(todo), PRELOAD_CHUNK):
-            chunk = todo[i:i + PRELOAD_CHUNK]
-            entries = [(name, t.lora_id, t.prepared.path) for name, t in chunk]
+        while True:
+            chunk = await asyncio.to_thread(pre.next_chunk, PRELOAD_CHUNK)
+            if not chunk:
+                break
+            pinned += [t for _, t in chunk]
+            todo = [(name, t) for name, t in chunk if name not in models.lora_requests]  # --lora-modules win
+            if not todo:
+                continue
+            entries = [(name, t.lora_id, t.prepared.path) for name, t in todo]
+            t1 = time.perf_counter()
             try:
                 replies = await models.engine_client.collective_rpc(WORKER_PRELOAD, args=(entries,))
             except Exception as e:  # the rest load on their first request, as without preload
                 logger.error("nora: preloading the store stopped in the engine: %s", e)
                 break
+            engine_s += time.perf_counter() - t1
             errors: dict[str, str] = {}
             for reply in replies:  # one per worker: loaded only where every worker loaded it
                 for name, err in reply:
                     if err and name not in errors:
                         errors[name] = err
-            for name, t in chunk:
+            for name, t in todo:
                 if name in errors:
                     failed += 1
                     logger.warning("nora: store adapter %s not preloaded: %s", name, errors[name])
@@ -391,14 +433,16 @@ async def preload_store(front: FrontEnd, models) -> None:
                 front.register(name, t, from_store=True)
                 loaded += 1
     finally:
-        for _, t in tickets:
+        pinned += [t for _, t in await asyncio.to_thread(pre.stop)]
+        for t in pinned:
             front._unpin(t.prepared.key)
     removed = await asyncio.to_thread(front.enforce_cache_limit)
     if removed:
         front.forget_evicted(models, removed)
-    logger.info("nora: preloaded %d store adapters (%d refused by the conversion, %d by the engine): "
-                "cache ready in %.1f s (while the engine started), engine load %.1f s",
-                loaded, pre.refused, failed, pre.seconds, time.perf_counter() - t0)
+    logger.info("nora: preloaded %d store adapters (%d refused by the conversion, %d by the engine) in "
+                "%.1f s after the engine started (conversion %.1f s in all, from the server's start; "
+                "the workers' load %.1f s)", loaded, pre.refused, failed, time.perf_counter() - t0,
+                pre.seconds, engine_s)
 
 
 class NoraStoreResolver(LoRAResolver):

@@ -209,7 +209,12 @@ TABLE: tuple[Name, ...] = tuple(
             ("LoRAModelManager.packed_modules", "module names of a packed layer", True),
             ("LoRAModelManager.deactivate_adapter", "frees a slot the plan needs"),
             ("LoRAModelManager.lora_slots", "slots of a step"),
-            ("LRUCacheLoRAModelManager.get_adapter", "touches a resident adapter (LRU)"))
+            ("LRUCacheLoRAModelManager.get_adapter", "touches a resident adapter (LRU)"),
+            ("LoRAModelManager.capacity", "--max-cpu-loras: where --nora-preload-store stops"),
+            ("LRUCacheLoRAModelManager.add_adapter", "--nora-preload-store adds each adapter as "
+             "vLLM's add_adapter does (no per-adapter engine call)"),
+            ("LoRAModelManager.remove_adapter", "--nora-preload-store: an adapter that failed half "
+             "way in is removed, never left in a slot without its cores"))
     + _rows(_MM, "write",
             ("LoRAModelManager._last_slot_layout", "None: vLLM rebuilds the step metadata after a "
              "slot was placed", True, "LRUCacheLoRAModelManager.set_adapter_mapping"))

@@ -6,6 +6,7 @@ Every function takes the worker's :class:`~.state.WorkerState`; ``hooks.py`` cal
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ def load_adapter(state: WorkerState, manager, orig_load, lora_request):
 def _load(state: WorkerState, manager, orig_load, lora_request):
     request, entry = convert_request(state, manager, lora_request)
     lid = lora_request.lora_int_id
+    state.adapter_bytes.pop(lid, None)
     model = _load_cores(state, manager, lora_request, orig_load, request, entry) if state.settings else None
     if model is None:
         model = orig_load(manager, _dense(state, manager, lora_request, request))
@@ -81,7 +83,8 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
 
         state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
                                                     output_scale=output_scales(request.lora_path))
-    state.adapter_bytes[lid] = _weight_bytes(model)
+    if lid not in state.adapter_bytes:  # _load_cores counts a cores-only adapter's own
+        state.adapter_bytes[lid] = _weight_bytes(model)
     state.reported_residency = None  # report again after this step
     return model
 
@@ -130,7 +133,7 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    from nora_serve.converters.tensors_io import load_safetensors
+    from nora_serve.serving.cache.cores_file import read_cores
     from nora_serve.serving.scheduling import adapter_kind
 
     if state.plan is None:
@@ -140,14 +143,14 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     entry = adapter_kind(state.settings, manager.lora_config, request.lora_path, trusted=checked)
     if entry is None:
         return None
-    cores = load_safetensors(entry.cores)
-    missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
     dtype = manager.lora_config.lora_dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    cores = read_cores(entry.cores, dtype)
+    missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
     no_b = {}  # the cores' empty B, one per rank: nothing reads it (set_lora takes the core as A)
     loras = {m: LoRALayerWeights(m, c.shape[0], 1, c,
                                  no_b.setdefault(c.shape[0], torch.zeros(0, c.shape[0], dtype=dtype)),
-                                 scaling=1.0) for m, c in _cast(cores, dtype).items() if m not in missing}
+                                 scaling=1.0) for m, c in cores.items() if m not in missing}
     rank = entry.rank
     if missing:
         # Layers without shared-basis storage keep vLLM's own (one slot per adapter): those
@@ -169,22 +172,12 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
                                                 basis_path=str(entry.basis), name=lora_request.lora_name)
     state.adapter_ranks[lid] = rank
     size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
+    if not missing:
+        state.adapter_bytes[lid] = size
     (logger.debug if state.preloading else logger.info)(
         "nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
         lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
     return model
-
-
-def _cast(tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """``tensors`` in ``dtype``, one cast per shape (every core of an adapter has one or two
-    shapes: a cast per module cost 3x more in a bulk load of thousands)."""
-    by_shape: dict[tuple, list[str]] = {}
-    for name, t in tensors.items():
-        by_shape.setdefault(tuple(t.shape), []).append(name)
-    out = {}
-    for names in by_shape.values():
-        out.update(zip(names, torch.stack([tensors[n] for n in names]).to(dtype).unbind(0)))
-    return out
 
 
 def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -> bool:
@@ -229,41 +222,65 @@ def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
     is one, as vLLM's ``add_lora`` does, without its per-adapter engine call and its scan of every
     registered adapter. Nothing is evicted for it: once ``--max-cpu-loras`` adapters are held,
     the rest are left to their first request, and an adapter whose slot storage (a dense index,
-    a basis group) is taken stays resident without a slot until a step needs it. ``(name,
-    error)`` per entry, error ``""`` when it is resident; an adapter that fails is that adapter's
-    error, never the engine's."""
+    a basis group) is taken stays resident without a slot until a step needs it. The cores of
+    all ``entries`` reach their slots in one indexed copy per layer slice (``nora_flush_cores``).
+    ``(name, error)`` per entry, error ``""`` when it is resident; an adapter that fails is that
+    adapter's error, never the engine's."""
+    from nora_serve.serving.cache.bound import reading
+
+    from .layers import SharedBasisLayerMixin
+
     manager = worker.model_runner.lora_manager
     adapters = manager._adapter_manager
-    out: list[tuple[str, str]] = []
+    errors: dict[str, str] = {}
     state.preloading, state.free_slot_hint = True, 0
+    activated: list[tuple[str, int]] = []
+    # No cyclic garbage collection meanwhile: its full passes over the growing heap of loaded
+    # adapters (dozens of objects each) slowed every load as thousands came in.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        _preload(state, manager, adapters, entries, out)
+        with reading(state.settings.cache_path):  # once for all of them (each load would take it)
+            _preload(state, manager, adapters, entries, errors, activated)
     finally:
+        if gc_was_enabled:
+            gc.enable()
         state.preloading = False
+        try:
+            for mod in adapters.modules.values():
+                if isinstance(mod, SharedBasisLayerMixin):
+                    mod.nora_flush_cores()
+        except Exception as e:  # their cores never reached the slots: none of them may serve
+            for name, lid in activated:
+                adapters.remove_adapter(lid)
+                errors[name] = f"its cores could not be written into the slots: {e}"
     report_residency(state, adapters)
-    return out
+    return [(name, errors.get(name, "")) for name, _, _ in entries]
 
 
-def _preload(state: WorkerState, manager, adapters, entries, out) -> None:
+def _preload(state: WorkerState, manager, adapters, entries, errors, activated) -> None:
     from vllm.lora.request import LoRARequest
 
     for name, lid, path in entries:
+        added = False
         try:
             if lid not in adapters._registered_adapters:
                 if len(adapters) >= adapters.capacity:
-                    out.append((name, f"the workers hold --max-cpu-loras {adapters.capacity} adapters already"))
+                    errors[name] = f"the workers hold --max-cpu-loras {adapters.capacity} adapters already"
                     continue
                 model = manager._load_adapter(LoRARequest(lora_name=name, lora_int_id=int(lid), lora_path=path))
-                adapters.add_adapter(model)
+                added = adapters.add_adapter(model)
             # A slot while one is free and its storage fits without evicting another adapter
             # (a step that needs it places it otherwise, as for any resident adapter).
             st = state.adapter_storage.get(lid)
             if (lid not in adapters._active_adapters and len(adapters._active_adapters) < adapters.lora_slots
                     and (state.plan is None or st is None or state.plan.fits(st, adapters._active_adapters))):
                 adapters.activate_adapter(lid)
-            out.append((name, ""))
+                activated.append((name, lid))
         except Exception as e:  # this adapter's fault: it is left to its first request
-            out.append((name, " ".join(str(e).split())[:500] or type(e).__name__))
+            errors[name] = " ".join(str(e).split())[:500] or type(e).__name__
+            if added:  # never half in place (a slot without all its cores)
+                adapters.remove_adapter(lid)
 
 
 class NoraWorkerExtension:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,27 @@ from .temporaries import discard
 from .trust import read_marker
 
 
+_held = threading.local()  # the cache directories this thread holds shared (reading)
+
+
 @contextlib.contextmanager
 def reading(cache_dir: str | Path):
     """Hold the cache's lock shared: no entry is removed by :func:`enforce_limit` (which takes it
     exclusively) while a conversion or a load that reads entries runs. Without a writable
-    cache directory this holds nothing (there is then nothing to evict either)."""
-    with _dir_lock(cache_dir, shared=True):
+    cache directory this holds nothing (there is then nothing to evict either). Inside a
+    ``reading`` of the same directory in the same thread it holds what that one holds: a bulk
+    load takes the lock once, not once per adapter and again per conversion."""
+    key = str(Path(cache_dir).expanduser())
+    held = _held.__dict__.setdefault("dirs", set())
+    if key in held:
         yield
+        return
+    with _dir_lock(cache_dir, shared=True):
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
 
 
 @contextlib.contextmanager

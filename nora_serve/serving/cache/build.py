@@ -74,7 +74,7 @@ def prepare_adapter(
 def _prepare_locked(src_path: Path, base, max_rank, cache_dir: Path, served_model, folded) -> Prepared:
     entry = trusted_entry(src_path, cache_dir)
     if entry is not None:
-        source = (read_marker(entry) or {}).get("source")
+        source = (read_marker(entry) or {}).get("source") if folded else None
         if not (folded and not (entry / ADAPTER_SUBDIR).is_dir() and isinstance(source, str)):
             touch(entry)
             metrics.cache_hit()
@@ -197,7 +197,9 @@ def _write_shared_basis(split, entry: Path, cache_dir: Path) -> dict:
     distinct basis (a basis file of the store is linked, not written again)."""
     from safetensors.torch import save_file
 
-    save_file(split.cores, str(entry / CORES_NAME))
+    from .cores_file import write_cores
+
+    write_cores(entry / CORES_NAME, split.cores)
     bases = cache_dir / BASES_SUBDIR
     bases.mkdir(parents=True, exist_ok=True)
     final = bases / f"{split.key}.safetensors"

@@ -1,0 +1,48 @@
+"""A cache entry's cores file (``cores.safetensors``): a shared-basis adapter's ``r x r`` cores
+stacked by shape and dtype, one tensor per stack (``stack.<i>``, ``[n, r, c]``) with the module
+names of each stack in the file's metadata. Writing, reading and casting an adapter's cores then
+costs an op or two, not one per module: a store's bulk load reads thousands of them, and per
+module that was most of its time. A file with one tensor per module name (as entries were first
+written) reads as well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FORMAT = "nora-stacked-cores"
+
+
+def write_cores(path: str | Path, cores: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    stacks: dict[tuple, list[str]] = {}
+    for name in sorted(cores):
+        t = cores[name]
+        stacks.setdefault((t.dtype, tuple(t.shape)), []).append(name)
+    tensors, meta = {}, {"format": FORMAT}
+    for i, names in enumerate(stacks.values()):
+        tensors[f"stack.{i}"] = torch.stack([cores[n] for n in names]).contiguous()
+        meta[f"stack.{i}"] = json.dumps(names)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_cores(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``{module: core}``, each in ``dtype`` if given (one cast per stack; the cores are views
+    of their stack)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("format") != FORMAT:
+        return {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        names = json.loads(meta.get(key, "[]"))
+        if len(names) != t.shape[0]:
+            raise ValueError(f"{path}: tensor {key}: {t.shape[0]} cores but {len(names)} module names")
+        out.update(zip(names, (t if dtype is None else t.to(dtype)).unbind(0)))
+    return out
