@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from .tensors_io import files_signature
+
 SAMPLE = 65536
 
 
@@ -69,8 +71,8 @@ def base_fingerprints(model_dir: str | Path, modules: Iterable[str]) -> dict[str
     of the base's weight files in a process: a server checks thousands of adapters of one base)."""
     modules = list(modules)
     try:
-        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _weight_files(Path(model_dir)))
-    except OSError:
+        files = files_signature(_weight_files(Path(model_dir)))
+    except OSError:  # no weight files
         files = None
     known = _fp_memo.setdefault((str(Path(model_dir).resolve()), files), {}) if files else {}
     todo = [m for m in modules if m not in known]

@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import AdapterError
-from .tensors_io import check_finite
+from .tensors_io import check_finite, files_signature
 
 
 def _require(cond: bool, msg: str, file: Path, module: str | None = None, tensor: str | None = None):
@@ -98,10 +98,7 @@ def base_weight_shapes(base: Path) -> dict[str, tuple[int, ...]]:
         raise AdapterError("no *.safetensors weights in the base model directory", file=base)
     # Once per version of the weight files in a process: a store conversion checks thousands
     # of adapters against one base (its headers cost ~0.4 ms per adapter otherwise).
-    try:
-        key = tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
-    except OSError:
-        key = None
+    key = files_signature(files)
     if key is not None and key in _shapes_memo:
         return dict(_shapes_memo[key])
     shapes: dict[str, tuple[int, ...]] = {}

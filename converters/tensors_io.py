@@ -99,6 +99,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def files_signature(files) -> tuple | None:
+    """``(path, size, mtime)`` of each file: a memo key that changes with any new version of
+    them (``None`` where one cannot be read)."""
+    try:
+        return tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [Path(f).stat()])
+    except OSError:
+        return None
+
+
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor of ``tensors`` is finite, in one pass (per-tensor
     checks then only need to run to name the culprit)."""

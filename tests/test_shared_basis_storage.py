@@ -344,7 +344,7 @@ def test_bulk_loaded_cores_are_laid_out_as_set_lora_lays_them():
             nora_cores=[torch.randn(L * R * R) for _ in range(3)],  # stale: a warm-up's leftovers
             nora_core_ranks=torch.full((3, L), 7, dtype=torch.int32),
             nora_group_rank=group_rank, _load_basis=lambda act: None)
-        for name in ("_activation", "_clear_cores", "set_lora", "nora_flush_cores"):
+        for name in ("_activation", "_clear_cores", "_stored_rank", "set_lora", "nora_flush_cores"):
             setattr(lay, name, getattr(M, name).__get__(lay))
         return lay
 

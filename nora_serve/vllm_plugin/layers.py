@@ -161,9 +161,8 @@ class SharedBasisLayerMixin:
         if act.storage.kind == BASIS and self.nora_state.preloading:
             self._load_basis(act)
             cores = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
-            self._nora_pending[index] = [
-                None if c is None else (c, max(c.shape[0], self.nora_group_rank[i][act.group]))
-                for i, c in enumerate(cores)]
+            self._nora_pending[index] = [None if c is None else (c, self._stored_rank(i, act, c))
+                                         for i, c in enumerate(cores)]
             return
         self._clear_cores(index)
         if act.storage.kind == DENSE:
@@ -181,11 +180,15 @@ class SharedBasisLayerMixin:
             for i, core in enumerate(cores):
                 if core is None:
                     continue
-                # Stored at the group's basis rank (zero-padded if smaller): one size per group.
-                r = max(core.shape[0], self.nora_group_rank[i][act.group])
+                r = self._stored_rank(i, act, core)
                 block = self.nora_cores[i][index * R * R : index * R * R + r * r].view(r, r)
                 block[: core.shape[0], : core.shape[1]].copy_(core)
                 self.nora_core_ranks[i, index] = r
+
+    def _stored_rank(self, i: int, act: storage.Activation, core: torch.Tensor) -> int:
+        """Slice ``i``'s core is stored at its group's basis rank (zero-padded if smaller): one
+        size per group."""
+        return max(core.shape[0], self.nora_group_rank[i][act.group])
 
     def nora_flush_cores(self) -> None:
         """Write the cores ``set_lora`` set aside during a bulk load: per slice, the slots' blocks

@@ -74,7 +74,6 @@ def load_adapter(state: WorkerState, manager, orig_load, lora_request):
 def _load(state: WorkerState, manager, orig_load, lora_request):
     request, entry = convert_request(state, manager, lora_request)
     lid = lora_request.lora_int_id
-    state.adapter_bytes.pop(lid, None)
     model = _load_cores(state, manager, lora_request, orig_load, request, entry) if state.settings else None
     if model is None:
         model = orig_load(manager, _dense(state, manager, lora_request, request))
@@ -83,8 +82,7 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
 
         state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
                                                     output_scale=output_scales(request.lora_path))
-    if lid not in state.adapter_bytes:  # _load_cores counts a cores-only adapter's own
-        state.adapter_bytes[lid] = _weight_bytes(model)
+    state.adapter_bytes[lid] = _weight_bytes(model)
     state.reported_residency = None  # report again after this step
     return model
 
@@ -103,7 +101,7 @@ def _weight_bytes(lora_model) -> int:
         for t in (getattr(w, "lora_a", None), getattr(w, "lora_b", None)):
             for part in (t if isinstance(t, (list, tuple)) else [t]):
                 if isinstance(part, torch.Tensor):
-                    n += part.numel() * part.element_size()
+                    n += part.nbytes
     return n
 
 
@@ -172,8 +170,6 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
                                                 basis_path=str(entry.basis), name=lora_request.lora_name)
     state.adapter_ranks[lid] = rank
     size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
-    if not missing:
-        state.adapter_bytes[lid] = size
     (logger.debug if state.preloading else logger.info)(
         "nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
         lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
