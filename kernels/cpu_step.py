@@ -97,10 +97,11 @@ class Prepacked(NamedTuple):
 
 # vLLM's CPU build has oneDNN's (the plugin sets it: ``vllm_plugin/punica_cpu.py``). Used for
 # the shrinks against a fixed weight (a slot's or a basis's ``A``) in bf16, where it gives
-# torch.mm's bits: on the CPU a skinny GEMM costs mostly per call, and the reordered weight
-# costs 2-3x less at 16 rows, 1.2-1.8x at 128 (rank 16-48, d_in 1024-2816, 2 threads). The
-# ops call it inline (``x.new_empty`` then ``_PREPACK.mm``): a layer's first GEMM stays three
-# Python calls from vLLM's layer.
+# torch.mm's bits, and for the expands of decode-sized steps (``B``; the product then added):
+# on the CPU a skinny GEMM costs mostly per call, and the reordered weight costs 2-3x less at
+# 16 rows, 1.2-1.8x at 128 (rank 16-48, d_in 1024-2816, 2 threads). The shrinks call it inline
+# (``x.new_empty`` then ``_PREPACK.mm``): a layer's first GEMM stays three Python calls from
+# vLLM's layer.
 _PREPACK: Prepack | None = None
 
 
@@ -124,6 +125,13 @@ def prepacked(w: torch.Tensor) -> Prepacked | None:
 def _pre(x: torch.Tensor, pre: Prepacked | None) -> Prepacked | None:
     """``pre`` where ``x`` can go through it (bf16 rows of unit stride), else ``None``."""
     return pre if pre is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1 else None
+
+
+def _pre_mm(x: torch.Tensor, pre: Prepacked) -> torch.Tensor:
+    """``x @ w^T`` for the weight ``pre`` holds reordered (``x`` passed :func:`_pre`)."""
+    out = x.new_empty(x.shape[0], pre.n)
+    _PREPACK.mm(out, x, None, pre.arg)
+    return out
 
 
 def _mm_args(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +204,7 @@ class Packed(NamedTuple):
     # the expand block by block where the block-diagonal's zeros would cost more than calls.
     blocks: tuple = ()
     a_pre: Prepacked | None = None  # a_cat reordered for the platform's GEMM (prepacked)
+    b_pre: Prepacked | None = None  # b_bd reordered, for the expand of decode-sized steps
 
 
 def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None],
@@ -220,7 +229,7 @@ def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | Non
             blocks.append((row, n, col, r, b_bd[row:row + n, col:col + r].contiguous()))
             col += r
         row += n
-    return Packed(a_cat, b_bd, ranks, tuple(blocks), prepacked(a_cat))
+    return Packed(a_cat, b_bd, ranks, tuple(blocks), prepacked(a_cat), prepacked(b_bd))
 
 
 # From this many rows on, a packed expand runs block by block: the block-diagonal's zeros (2x
@@ -228,11 +237,23 @@ def pack_slices(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | Non
 # (q/k/v, o, gate/up, down of hidden 1024, rank 16, bf16, 1 thread, 2-core EPYC VM): block by
 # block 0.44 / 1.16 / 10.3 ms vs block-diagonal 0.49 / 1.70 / 15.1 ms at 128 / 512 / 4096 rows.
 BLOCK_EXPAND_ROWS = 128
+# Below this many rows the expand runs the platform's GEMM on the reordered ``b_bd`` and adds
+# its result (two calls; per call the skinny GEMM is what costs). Per layer at 16 rows, hidden
+# 1024, rank 16, bf16, 2 threads, 2-core EPYC VM: o and down 23 -> 11 us, gate/up 51 -> 35 us,
+# q/k/v even; at 64 rows gate/up is slower that way (110 vs 96 us).
+PREPACK_EXPAND_ROWS = 64
 
 
 def _expand_packed(out: torch.Tensor, h: torch.Tensor, p: Packed, scale: float = 1.0) -> None:
     """out += scale * h b_bd^T for a :class:`Packed` ``p`` (``h`` = x a_cat^T)."""
-    if h.shape[0] < BLOCK_EXPAND_ROWS or len(p.blocks) < 2:
+    rows = h.shape[0]
+    pre = _pre(h, p.b_pre) if rows < PREPACK_EXPAND_ROWS and out.dtype == h.dtype else None
+    if pre is not None:
+        if scale != 1.0:
+            h.mul_(scale)
+        out.add_(_pre_mm(h, pre))
+        return
+    if rows < BLOCK_EXPAND_ROWS or len(p.blocks) < 2:
         _expand(out, h, p.b_bd, scale)
         return
     if scale != 1.0:
@@ -281,6 +302,7 @@ class Stack:
     end: torch.Tensor  # [L] int64 (= start for empty slots)
     key: tuple = ()
     a_pre: Prepacked | None = None  # a_all reordered for the platform's GEMM (prepacked)
+    b_pre: Prepacked | None = None  # b_all reordered, for the expand of decode-sized steps
 
     @property
     def width(self) -> int:
@@ -300,8 +322,9 @@ def stack_packed(packed: Sequence) -> Stack | None:
         start[s], end[s] = col, col + p.a_cat.shape[0]
         col += p.a_cat.shape[0]
     a_all = torch.cat([p.a_cat for _, p in parts]).contiguous()
-    return Stack(a_all, torch.cat([p.b_bd for _, p in parts], dim=1).contiguous(), start, end,
-                 key=(tuple(start.tolist()), tuple(end.tolist())), a_pre=prepacked(a_all))
+    b_all = torch.cat([p.b_bd for _, p in parts], dim=1).contiguous()
+    return Stack(a_all, b_all, start, end, key=(tuple(start.tolist()), tuple(end.tolist())),
+                 a_pre=prepacked(a_all), b_pre=prepacked(b_all))
 
 
 def stack_keep(stack: Stack, table: torch.Tensor) -> torch.Tensor:
@@ -335,8 +358,16 @@ def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: t
     if keep is None:
         keep = stack_keep(stack, table if rows is None else table.index_select(0, rows))
     h = torch.where(keep, h, torch.zeros((), dtype=h.dtype))
+    # Decode-sized steps: the reordered b_all, then an add (16 rows, 8 slots of rank 16 on
+    # q/k/v: 97 -> 56 us; as for _expand_packed).
+    pre = _pre(h, stack.b_pre) if h.shape[0] < PREPACK_EXPAND_ROWS and h.dtype == y.dtype else None
     if rows is None:
-        _add_mm(y, h, stack.b_all.t())
+        if pre is None:
+            _add_mm(y, h, stack.b_all.t())
+        else:
+            y.add_(_pre_mm(h, pre))
+    elif pre is not None:
+        y.index_add_(0, rows, _pre_mm(h, pre))
     else:
         y.index_add_(0, rows, torch.mm(*_mm_args(h.to(stack.b_all.dtype), stack.b_all.t())).to(y.dtype))
 
@@ -452,33 +483,41 @@ def batched_lora_linear(y: torch.Tensor, x: torch.Tensor, batch: Batch, padded: 
     y.index_add_(0, padded.index, res.view(K * m, -1).to(y.dtype))
 
 
-def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed: Packed, cores: Sequence,
+def packed_shared_basis_linear(y: torch.Tensor, x: torch.Tensor, packed: Packed, cores,
                                core_idx: torch.Tensor | None, mask: torch.Tensor | None,
                                slot: int) -> None:
     """:func:`shared_basis_linear` for all slices of a layer at once: the basis slice-packed
-    (``packed``: the :class:`Packed` of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i].
-    Each slice's cores run as one batched op over the rows; the slices' results are joined
-    once and expanded block by block on prefill-sized steps (:func:`_expand_packed`)."""
+    (``packed``: the :class:`Packed` of :func:`pack_slices`), ``cores[i]`` [L, r_i, r_i] per
+    slice, or one tensor [S, L, r, r] when every slice has rank ``r`` (then the rows' cores of
+    every slice are gathered in one op and applied in one ``bmm``). The slices' results are
+    joined once and expanded (:func:`_expand_packed`)."""
     pre = _pre(x, packed.a_pre)
     if pre is None:
         h = torch.mm(*_mm_args(x, packed.a_cat.t()))
     else:
         h = x.new_empty(x.shape[0], pre.n)
         _PREPACK.mm(h, x, None, pre.arg)
-    parts, col = [], 0
-    for i, r in enumerate(packed.ranks):
-        if r == 0:
-            continue
-        hi = h[:, col:col + r]
-        if core_idx is None:
-            parts.append(torch.mm(*_mm_args(hi, cores[i][slot].t())))
-        else:
-            # [T, r, r]: kilobytes. In fp32: the CPU's bmm of r x r blocks is faster there than
-            # in bf16 (0.63 vs 0.77 ms for 4096 rows), and the same once rounded to bf16.
-            c = cores[i].index_select(0, core_idx)
-            parts.append(torch.bmm(c.float(), hi.float().unsqueeze(-1)).squeeze(-1))
-        col += r
-    g = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if core_idx is not None and isinstance(cores, torch.Tensor):
+        # [S, T, r, r]: kilobytes. In fp32: the CPU's bmm of r x r blocks is faster there than
+        # in bf16 (0.63 vs 0.77 ms for 4096 rows), and the same once rounded to bf16. One op for
+        # all slices: q/k/v at 16 rows 55 -> 26 us (2-core EPYC VM).
+        S, T, r = cores.shape[0], h.shape[0], cores.shape[-1]
+        c = cores.index_select(1, core_idx).view(S * T, r, r)
+        hs = h.view(T, S, r).transpose(0, 1).reshape(S * T, r, 1)
+        g = torch.bmm(c.float(), hs.float()).view(S, T, r).transpose(0, 1).reshape(T, S * r)
+    else:
+        parts, col = [], 0
+        for i, r in enumerate(packed.ranks):
+            if r == 0:
+                continue
+            hi = h[:, col:col + r]
+            if core_idx is None:
+                parts.append(torch.mm(*_mm_args(hi, cores[i][slot].t())))
+            else:
+                c = cores[i].index_select(0, core_idx)
+                parts.append(torch.bmm(c.float(), hi.float().unsqueeze(-1)).squeeze(-1))
+            col += r
+        g = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if mask is not None:
         g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
     _expand_packed(y, g.to(packed.b_bd.dtype), packed)

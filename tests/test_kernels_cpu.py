@@ -331,6 +331,12 @@ def test_packed_shared_basis_matches_per_slice(dtype, T):
         off += n
     _close(y, want, dtype)
     assert torch.equal(y[slot < 0], y0[slot < 0])
+    # Every slice at one rank: the cores as one [S, L, r, r] tensor (one gather, one bmm for all
+    # slices) give the same bits as slice by slice.
+    y1 = y0.clone()
+    cpu_step.packed_shared_basis_linear(y1, x, packed, torch.stack(cores), slot.long().clamp(min=0),
+                                        (slot >= 0).unsqueeze(1), -1)
+    assert torch.equal(y1, y)
 
 
 @settings(max_examples=60, deadline=None)

@@ -254,6 +254,68 @@ def test_prepacked_shrinks_give_torch_mm_bits():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("rows", [16, 63, 64, 130])
+def test_prepacked_expand_adds_the_torch_mm_product(rows):
+    """Below ``PREPACK_EXPAND_ROWS`` rows a packed expand (one adapter's slices, a shared
+    basis) runs vLLM's oneDNN GEMM on the reordered ``B`` and adds its result: exactly
+    ``y + torch.mm(h, B^T)`` (the product rounded once, then added); from there on the fused
+    ``addmm_`` as before. Either way within bf16 rounding of the fp32 product."""
+    from nora_serve.kernels import cpu_step
+    from nora_serve.vllm_plugin.punica_cpu import onednn_prepack
+
+    prepack = onednn_prepack()
+    if prepack is None:
+        pytest.skip("this vLLM build has no oneDNN GEMM")
+    before = cpu_step._PREPACK
+    cpu_step.set_prepack(prepack)
+    try:
+        _check_prepacked_expand(cpu_step, rows)
+    finally:
+        cpu_step.set_prepack(before)
+
+
+def _check_prepacked_expand(cpu_step, rows: int) -> None:
+    g = torch.Generator().manual_seed(4)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(torch.bfloat16)
+
+    slices, d_in = (96, 32, 32), 64
+    a, b = [rnd(8, d_in) for _ in slices], [rnd(n, 8) for n in slices]
+    packed = cpu_step.pack_slices(a, b, slices)
+    assert packed.b_pre is not None
+    x, y0 = rnd(rows, d_in), rnd(rows, sum(slices))
+    y = y0.clone()
+    cpu_step.packed_lora_linear(y, x, [packed], cpu_step.build_route(torch.zeros(rows, dtype=torch.int64)))
+    h = torch.mm(x, packed.a_cat.t())
+    if rows < cpu_step.PREPACK_EXPAND_ROWS:
+        assert torch.equal(y, y0 + torch.mm(h, packed.b_bd.t()))
+    else:
+        want = y0.clone()
+        cpu_step._expand_packed(want, h, packed._replace(b_pre=None))
+        assert torch.equal(y, want)
+    exact = y0.float() + x.float() @ packed.a_cat.float().t() @ packed.b_bd.float().t()
+    torch.testing.assert_close(y.float(), exact, atol=0.03, rtol=0.02)
+    assert not torch.equal(y, y0)
+    # The dense stack (rows of two slots side by side), all rows and only some rows.
+    other = cpu_step.pack_slices([rnd(4, d_in) for _ in slices], [rnd(n, 4) for n in slices], slices)
+    stack = cpu_step.stack_packed([packed, other])
+    assert stack.b_pre is not None
+    table = torch.arange(rows) % 2
+    keep = cpu_step.stack_keep(stack, table)
+    hk = torch.where(keep, torch.mm(x, stack.a_all.t()), torch.zeros((), dtype=torch.bfloat16))
+    y = y0.clone()
+    cpu_step.stacked_lora_linear(y, x, stack, table)
+    y_rows = y0.clone()
+    sel = torch.arange(0, rows, 3)
+    cpu_step.stacked_lora_linear(y_rows, x, stack, table, rows=sel)
+    if rows < cpu_step.PREPACK_EXPAND_ROWS:
+        assert torch.equal(y, y0 + torch.mm(hk, stack.b_all.t()))
+    else:
+        assert torch.equal(y, y0.clone().addmm_(hk, stack.b_all.t()))
+    assert torch.equal(y_rows, y0.clone().index_add_(0, sel, torch.mm(hk[sel], stack.b_all.t())))
+
+
 def test_both_wrappers_implement_the_plugins_ops():
     """One interface (punica_base.NoraPunicaOps), each backend's wrapper defining every op."""
     from nora_serve.vllm_plugin.punica_base import NoraPunicaOps

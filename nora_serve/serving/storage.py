@@ -60,6 +60,8 @@ class LayerWeights:
     packed_basis: list = field(default_factory=list)
     dense_stack: Callable[[], object] = lambda: None
     dense_batch: Callable[[], object] = lambda: None
+    # [n_slices, max_loras * R * R] whose rows are ``cores`` (one allocation), or None.
+    cores_all: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ LoRA layers, whose stacked LoRA weights cover only the ``K`` dense slots, plus p
     nora_basis_a[i]  [G, R, d_in]        the resident shared bases (A side), TP-sliced
     nora_basis_b[i]  [G, d_out_i, R]     (B side), TP-sliced
     nora_cores[i]    [max_loras * R * R] each slot's own core, r x r row-major at s * R * R
+                     (rows of one ``nora_cores_all`` [n_slices, max_loras * R * R])
     nora_core_ranks  [n_slices, max_loras] int32, 0 = no core in this slot
 
 so a shared-basis adapter costs ``R * R`` numbers per module, not a padded ``A``/``B`` pair.
@@ -56,7 +57,10 @@ class SharedBasisLayerMixin:
         d_in = self.lora_a_stacked[0].shape[-1]
         self.nora_basis_a = [torch.zeros(G, R, d_in, dtype=dt, device=dev) for _ in range(self.n_slices)]
         self.nora_basis_b = [torch.zeros(G, b.shape[2], R, dtype=dt, device=dev) for b in self.lora_b_stacked]
-        self.nora_cores = [torch.zeros(max_loras * R * R, dtype=dt, device=dev) for _ in range(self.n_slices)]
+        # One allocation, a flat view per slice: the CPU op gathers a step's cores of every slice
+        # in one op (kernels.cpu_step.packed_shared_basis_linear).
+        self.nora_cores_all = torch.zeros(self.n_slices, max_loras * R * R, dtype=dt, device=dev)
+        self.nora_cores = list(self.nora_cores_all.unbind(0))
         self.nora_core_ranks = torch.zeros(self.n_slices, max_loras, dtype=torch.int32, device=dev)
         # Rank of each resident basis per slice: every core of that group is stored at it.
         self.nora_group_rank = [[0] * G for _ in range(self.n_slices)]
@@ -81,6 +85,7 @@ class SharedBasisLayerMixin:
             key=0, plan=plan, output_slices=tuple(self.output_slices),
             lora_a=tuple(self.lora_a_stacked), lora_b=tuple(self.lora_b_stacked),
             basis_a=self.nora_basis_a, basis_b=self.nora_basis_b, cores=self.nora_cores,
+            cores_all=self.nora_cores_all,
             core_ranks=self.nora_core_ranks, group_rank=self.nora_group_rank, out_scale=self.nora_out_scale,
             packed=self.nora_cpu, packed_dense=self.nora_packed_dense, dense_finite=self.nora_dense_finite,
             packed_basis=self.nora_packed_basis, dense_stack=self.nora_dense_stack,

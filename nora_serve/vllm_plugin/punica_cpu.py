@@ -125,10 +125,16 @@ def nora_linear(y: Tensor, x: Tensor, wrapper: int, layer: int) -> None:
             continue
         if packed:
             basis = w.packed_basis[g]
-            if basis is not None:  # slice i's cores as [L, r, r] views
+            if basis is None:
+                continue
+            r = basis.ranks[0]
+            if w.cores_all is not None and all(q == r for q in basis.ranks):
+                # every slice at rank r: [S, L, r, r], gathered and applied in one op each
+                cores = w.cores_all[:, : L * R * R].view(-1, L, R * R)[:, :, : r * r].view(-1, L, r, r)
+            else:  # slice i's cores as [L, r, r] views
                 cores = [w.cores[i][: L * R * R].view(L, R * R)[:, : r * r].view(L, r, r)
                          for i, r in enumerate(basis.ranks)]
-                cpu_step.packed_shared_basis_linear(y, x, basis, cores, grp.core_idx, grp.mask, grp.slot)
+            cpu_step.packed_shared_basis_linear(y, x, basis, cores, grp.core_idx, grp.mask, grp.slot)
             continue
         off = 0
         for i, width in enumerate(w.output_slices):
@@ -158,7 +164,8 @@ def lora_embedding(y: Tensor, x: Tensor, wrapper: int, lora_b: Tensor, add_input
 
 def onednn_prepack() -> cpu_step.Prepack | None:
     """vLLM's oneDNN GEMM on a reordered weight (what its CPU linear layers run), for the
-    kernels' shrinks (``cpu_step.set_prepack``); ``None`` where this build has none."""
+    kernels' shrinks and decode-sized expands (``cpu_step.set_prepack``); ``None`` where this
+    build has none."""
     from vllm._custom_ops import _supports_onednn, create_onednn_mm
 
     if not _supports_onednn:
