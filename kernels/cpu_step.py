@@ -244,16 +244,21 @@ BLOCK_EXPAND_ROWS = 128
 PREPACK_EXPAND_ROWS = 64
 
 
+def _expand_pre(h: torch.Tensor, out: torch.Tensor, b_pre: Prepacked | None) -> Prepacked | None:
+    """``b_pre`` where an expand of ``h`` into ``out`` runs on it (a decode-sized step, one
+    dtype throughout), else ``None``."""
+    return _pre(h, b_pre) if h.shape[0] < PREPACK_EXPAND_ROWS and out.dtype == h.dtype else None
+
+
 def _expand_packed(out: torch.Tensor, h: torch.Tensor, p: Packed, scale: float = 1.0) -> None:
     """out += scale * h b_bd^T for a :class:`Packed` ``p`` (``h`` = x a_cat^T)."""
-    rows = h.shape[0]
-    pre = _pre(h, p.b_pre) if rows < PREPACK_EXPAND_ROWS and out.dtype == h.dtype else None
+    pre = _expand_pre(h, out, p.b_pre)
     if pre is not None:
         if scale != 1.0:
             h.mul_(scale)
         out.add_(_pre_mm(h, pre))
         return
-    if rows < BLOCK_EXPAND_ROWS or len(p.blocks) < 2:
+    if h.shape[0] < BLOCK_EXPAND_ROWS or len(p.blocks) < 2:
         _expand(out, h, p.b_bd, scale)
         return
     if scale != 1.0:
@@ -360,16 +365,18 @@ def stacked_lora_linear(y: torch.Tensor, x: torch.Tensor, stack: Stack, table: t
     h = torch.where(keep, h, torch.zeros((), dtype=h.dtype))
     # Decode-sized steps: the reordered b_all, then an add (16 rows, 8 slots of rank 16 on
     # q/k/v: 97 -> 56 us; as for _expand_packed).
-    pre = _pre(h, stack.b_pre) if h.shape[0] < PREPACK_EXPAND_ROWS and h.dtype == y.dtype else None
-    if rows is None:
-        if pre is None:
-            _add_mm(y, h, stack.b_all.t())
-        else:
-            y.add_(_pre_mm(h, pre))
-    elif pre is not None:
-        y.index_add_(0, rows, _pre_mm(h, pre))
+    pre = _expand_pre(h, y, stack.b_pre)
+    if rows is None and pre is None:
+        _add_mm(y, h, stack.b_all.t())
+        return
+    if pre is not None:
+        delta = _pre_mm(h, pre)
     else:
-        y.index_add_(0, rows, torch.mm(*_mm_args(h.to(stack.b_all.dtype), stack.b_all.t())).to(y.dtype))
+        delta = torch.mm(*_mm_args(h.to(stack.b_all.dtype), stack.b_all.t())).to(y.dtype)
+    if rows is None:
+        y.add_(delta)
+    else:
+        y.index_add_(0, rows, delta)
 
 
 class Batch(NamedTuple):
