@@ -105,3 +105,75 @@ def test_offline_many_dense_rows_batched(base_dir, fixtures_dir, tmp_path):
         assert g["tokens"] == want["tokens"], name
         assert all(abs(a - b) <= 1e-3 for a, b in zip(g["logprobs"], want["logprobs"])), name
         assert all(abs(a - b) <= 1e-3 for a, b in zip(g["prompt_logprobs"][1:], want["prompt_logprobs"][1:])), name
+
+
+def _peft_lora_with_heads(base_dir, out: Path, seed: int) -> Path:
+    """A stock PEFT LoRA on q/v and lm_head, every weight random (non-zero). (Embedding LoRA the
+    converter refuses: test_punica_cpu covers the dense-slot embedding.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(out, save_embedding_layers=False)
+    return out
+
+
+def _peft_greedy(base_dir, adapter: Path, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from transformers + PEFT (the independent reference)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32),
+                                      adapter).eval()
+    ids, tokens, lps = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            t = int(logp.argmax())
+            tokens.append(t)
+            lps.append(float(logp[t]))
+            ids.append(t)
+    return tokens, lps
+
+
+def test_offline_lm_head_lora_in_dense_slots(base_dir, tmp_path, tmp_path_factory):
+    """The embedding and logits LoRA stacks hold the dense slots only (not one per --max-loras
+    slot: [max_loras, vocab, rank] each), and lm_head LoRA is
+    served from its dense index exactly (a PEFT LoRA with lm_head weights), beside shared-basis adapters and the base, with more
+    slots than dense indices (its slot is not its dense index)."""
+    import re
+
+    heads = _peft_lora_with_heads(base_dir, tmp_path / "heads", seed=3)
+    shared = train_shared_basis_adapters(base_dir, tmp_path_factory)
+    native = make_native_adapters(base_dir, tmp_path / "native", seed=12)
+    adapters = [("nora_a", str(shared["nora_a"])), ("base", None), ("lora", str(native["lora"])),
+                ("nora_b", str(shared["nora_b"])), ("heads", str(heads))]
+    prompt = [1, 40, 41, 42, 13, 9, 5]
+    got, log = run_offline(base_dir, tmp_path, adapters, prompt,
+                           {"max_loras": 64, "max_lora_rank": 64, "nora": {"dense_loras": 2}})
+    for (name, path), g in zip(adapters, got):
+        if name == "heads":
+            want_tokens, want_lps = _peft_greedy(base_dir, heads, prompt, 6)
+        else:
+            want = reference_run(str(base_dir), path, tuple(prompt), 6)
+            want_tokens, want_lps = want["tokens"], want["logprobs"]
+        assert g["tokens"] == want_tokens, name
+        assert all(abs(a - b) <= 1e-3 for a, b in zip(g["logprobs"], want_lps)), (name, g["logprobs"], want_lps)
+    base = next(g for (name, _), g in zip(adapters, got) if name == "base")
+    assert got[-1]["tokens"] != base["tokens"] or got[-1]["logprobs"] != base["logprobs"]
+    m = re.search(r"nora: adapter storage \(MiB\):.*embedding and logits ([\d.]+)", log)
+    assert m, log[-3000:]
+    # 2 dense slots of [vocab 128, rank 64] + [1, hidden 64, 64] (embedding) and [1, 64, 64] +
+    # [1, 128, 64] (logits), float32; one per --max-loras slot would be 32x that.
+    want = 2 * 4 * 2 * (128 * 64 + 64 * 64) / 2**20
+    assert abs(float(m.group(1)) - want) < 0.01, (m.group(1), want)

@@ -45,6 +45,46 @@ def test_logits_lora_only_where_a_slot_has_weights(route_mode):
     assert not w._any_live(b, [0]) and w._any_live(b, [1])
 
 
+def test_dense_slot_heads_read_the_dense_index_not_the_slot():
+    """With the dense-slot embedding and logits layers (``layers.DenseSlotsMixin``) the stacks
+    are indexed by dense index: rows of slot 5 (dense index 1) get index 1's weights, rows of a
+    shared-basis adapter (slot 3, no dense index) and of the base get nothing, and index 0 (held
+    by no adapter of the step) is never read."""
+    from vllm.lora.layers import LoRAMapping
+
+    from nora_serve.serving.state import WorkerState
+    from nora_serve.serving.storage import SlotPlan
+    from nora_serve.vllm_plugin.punica_cpu import NoraPunicaWrapperCPU
+
+    state = WorkerState()
+    plan = state.plan = SlotPlan(8, 2, 1, 4, "cpu")
+    plan.dense_of_slot[5], plan._dense_owner[1], plan.dense_ranks[1] = 1, 11, 4
+    state.dense_heads = True
+    w = NoraPunicaWrapperCPU(64, 16, "cpu", state=state)
+    ids = [None] * 8
+    ids[5], ids[3] = 11, 12
+    mapping = (11, 12, 11, 0)
+    w.update_metadata(LoRAMapping(mapping, mapping, is_prefill=True), ids, 8, 100)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0, 2])
+
+    emb_a, emb_b = torch.randn(2, 10, 4, generator=g), torch.randn(2, 1, 6, 4, generator=g)
+    tokens = torch.tensor([2, 7, 3, 9])
+    y = torch.zeros(4, 6)
+    w.add_dense_embedding(y, tokens, emb_a, emb_b)
+    want = torch.zeros(4, 6)
+    want[rows] = emb_a[1, tokens[rows]] @ emb_b[1, 0].T
+    torch.testing.assert_close(y, want)
+
+    a, b = torch.randn(2, 1, 4, 6, generator=g), torch.randn(2, 1, 10, 4, generator=g)
+    x = torch.randn(4, 6, generator=g)
+    y = torch.zeros(4, 10)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    want = torch.zeros(4, 10)
+    want[rows] = x[rows] @ a[1, 0].T @ b[1, 0].T
+    torch.testing.assert_close(y, want)
+
+
 def _layer_case(dtype=torch.float32):
     """(wrapper, layer weights registered for the compiled graph's op, a layer forward as vLLM
     calls it: our shared-basis layer's ``_apply_lora_to_output`` on a stand-in layer)."""

@@ -130,6 +130,10 @@ class SlotPlan:
         self.version += 1
         return Activation(slot, storage, dense, group)
 
+    def dense_owner(self, dense: int) -> int | None:
+        """The adapter id holding dense index ``dense`` (None: free)."""
+        return self._dense_owner[dense]
+
     def fits(self, storage: AdapterStorage, active) -> bool:
         """Whether :meth:`assign` would place ``storage`` without evicting an active adapter (a
         free dense index, or its basis's group or a free one): a bulk load activates only those."""

@@ -285,10 +285,27 @@ def _install_shared_basis(state) -> None:
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
     from . import worker
-    from .layers import SharedBasisLayerMixin, layer_classes
+    from .layers import DenseSlotsMixin, SharedBasisLayerMixin, dense_slots_logits, layer_classes
 
-    # from_layer() takes the first class whose can_replace_layer() accepts the layer.
-    lora_utils._all_lora_classes = layer_classes(state) + tuple(lora_utils._all_lora_classes)
+    # from_layer() takes the first class whose can_replace_layer() accepts the layer. On the
+    # CPU (whose wrapper reads them) the embedding and logits stacks hold the dense slots only.
+    from vllm.platforms import current_platform
+
+    dense_heads = current_platform.is_cpu()
+    own = layer_classes(state, dense_heads=dense_heads)
+    lora_utils._all_lora_classes = own + tuple(lora_utils._all_lora_classes)
+    if dense_heads:  # vLLM builds the logits layer itself, for --max-loras slots
+        import vllm.lora.model_manager as model_manager
+
+        orig_logits = model_manager.from_layer_logits_processor
+
+        @functools.wraps(orig_logits)
+        def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
+            plan = state.plan_for(max_loras, lm_head.weight.device)
+            built = orig_logits(layer, lm_head, plan.dense_slots, lora_config, model_config)
+            return dense_slots_logits(built, own[-1])
+
+        model_manager.from_layer_logits_processor = from_layer_logits_processor
 
     orig_create = LoRAModelManager._create_lora_modules
     orig_activate = LoRAModelManager.activate_adapter
@@ -299,11 +316,16 @@ def _install_shared_basis(state) -> None:
     def _create_lora_modules(self):
         orig_create(self)
         total: dict[str, int] = {}
+        heads = 0
         for name, module in self.modules.items():
             if isinstance(module, SharedBasisLayerMixin):
                 module.nora_sub_modules = self.packed_modules.get(name) or [name]
                 for k, v in module.nora_storage_bytes().items():
                     total[k] = total.get(k, 0) + v
+            elif isinstance(module, DenseSlotsMixin):
+                heads += module.nora_storage_bytes()
+        if heads:
+            total["embedding and logits"] = heads
         if total:
             from .log import logger
 

@@ -23,10 +23,12 @@ import contextlib
 import torch
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
+    LogitsProcessorWithLoRA,
     MergedColumnParallelLinearWithLoRA,
     MergedQKVParallelLinearWithLoRA,
     QKVParallelLinearWithLoRA,
     RowParallelLinearWithLoRA,
+    VocabParallelEmbeddingWithLoRA,
 )
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
@@ -273,14 +275,90 @@ class SharedBasisLayerMixin:
                 "cores": size(self.nora_cores) + self.nora_core_ranks.numel() * 4}
 
 
+class DenseSlotsMixin:
+    """vLLM's embedding and logits LoRA layers with stacks for the ``K`` dense slots only.
+
+    Stock, they hold ``[max_loras, vocab, rank]`` twice (embedding A, lm_head B): 3.4 GB zeroed
+    at start for 10,240 slots on a 4,096-token vocabulary, 84 GB on a 128k one, for weights that
+    only dense adapters have (a shared-basis adapter is cores in the linear layers). Slot ``s``'s
+    weights are at dense index ``plan.dense_of_slot[s]``; the CPU wrapper reads them there
+    (``punica_cpu``: ``add_dense_embedding``, ``add_lora_logits``)."""
+
+    nora_state: WorkerState
+    _nora_direct = False  # the stock set_lora's own reset_lora call: already a dense index
+
+    def _dense_index(self, index: int) -> int:
+        act = self.nora_state.activation
+        if act is None or act.slot != index:
+            raise RuntimeError(f"nora: {type(self).__name__}: slot {index} set outside an adapter activation")
+        return act.dense
+
+    def reset_lora(self, index: int):
+        if self._nora_direct:
+            return super().reset_lora(index)
+        dense = self._dense_index(index)
+        if dense >= 0:  # a dense index taken over: its previous adapter's weights go
+            super().reset_lora(dense)
+
+    def set_lora(self, index: int, lora_a, lora_b):
+        dense = self._dense_index(index)
+        if dense < 0:  # worker._load_cores refuses such an adapter first
+            act = self.nora_state.activation
+            raise ValueError(f"nora: adapter {act.storage.name or act.slot}: embedding / lm_head LoRA "
+                             "weights are served for dense adapters only")
+        self._nora_direct = True
+        try:
+            super().set_lora(dense, lora_a, lora_b)
+        finally:
+            self._nora_direct = False
+
+    def nora_storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lora_a_stacked, self.lora_b_stacked))
+
+
+class DenseSlotsLogits(DenseSlotsMixin, LogitsProcessorWithLoRA):
+    """vLLM builds it itself (``from_layer_logits_processor``, not ``from_layer``): the hook
+    there builds the stock layer for the dense slots and gives it this class
+    (:func:`dense_slots_logits`)."""
+
+
+def dense_slots_logits(layer: LogitsProcessorWithLoRA, cls: type) -> LogitsProcessorWithLoRA:
+    """``layer``, built by vLLM for the dense slots, as ``cls`` (a :class:`DenseSlotsLogits`
+    of this worker): the same object and stacks, with slots mapped to dense indices."""
+    layer.__class__ = cls
+    cls.nora_state.dense_heads = True
+    return layer
+
+
+class DenseSlotsEmbedding(DenseSlotsMixin, VocabParallelEmbeddingWithLoRA):
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        plan = self.nora_state.plan_for(max_loras, self.base_layer.weight.device)
+        self.nora_state.dense_heads = True
+        super().create_lora_weights(plan.dense_slots, lora_config, model_config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The stock forward looks its A rows up at slot * vocab + token (the wrapper's
+        # _embeddings_indices): a slot, not a dense index.
+        out = self.base_layer.forward(x)
+        flat = out.view(-1, out.shape[-1])
+        self.punica_wrapper.add_dense_embedding(flat, x.view(-1), self.lora_a_stacked, self.lora_b_stacked)
+        return out
+
+
 # The stock classes whose storage gets a shared-basis part; vLLM's fully sharded and
-# replicated variants, logits and embeddings stay stock.
+# replicated variants stay stock.
 STOCK_CLASSES: tuple[type, ...] = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
                                    QKVParallelLinearWithLoRA, MergedQKVParallelLinearWithLoRA,
                                    RowParallelLinearWithLoRA)
+DENSE_SLOT_CLASSES: tuple[type, ...] = (DenseSlotsEmbedding, DenseSlotsLogits)  # logits last
 
 
-def layer_classes(state: WorkerState) -> tuple[type, ...]:
-    """The shared-basis layer classes of one worker, each holding its ``state``."""
-    return tuple(type(f"SharedBasis{c.__name__}", (SharedBasisLayerMixin, c), {"nora_state": state})
-                 for c in STOCK_CLASSES)
+def layer_classes(state: WorkerState, *, dense_heads: bool = False) -> tuple[type, ...]:
+    """The shared-basis layer classes of one worker, each holding its ``state``; with
+    ``dense_heads`` (the CPU wrapper reads them) also the dense-slot embedding and logits (the
+    logits class last: vLLM's ``from_layer`` never takes it, :func:`dense_slots_logits` does)."""
+    own = tuple(type(f"SharedBasis{c.__name__}", (SharedBasisLayerMixin, c), {"nora_state": state})
+                for c in STOCK_CLASSES)
+    if dense_heads:
+        own += tuple(type(c.__name__, (c,), {"nora_state": state}) for c in DENSE_SLOT_CLASSES)
+    return own

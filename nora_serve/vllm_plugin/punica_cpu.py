@@ -162,6 +162,19 @@ def lora_embedding(y: Tensor, x: Tensor, wrapper: int, lora_b: Tensor, add_input
         y[:, :n].index_add_(0, rows, delta[:, :n])
 
 
+def dense_embedding(y: Tensor, tokens: Tensor, wrapper: int, lora_a: Tensor, lora_b: Tensor) -> None:
+    """Embedding LoRA of the dense-slot layer (``layers.DenseSlotsEmbedding``): ``y[t] +=
+    A[d, token_t] @ B[d].T`` for the rows whose adapter holds dense index ``d``; op
+    ``nora::cpu_dense_embedding``. Skipped unless such an index has weights there."""
+    self = opaque.objects[wrapper]
+    step = self._step_for(y.shape[0], self.state.plan)
+    if not self._any_live(lora_b, step.route("dense").slots, self.state.plan.dense_owner):
+        return
+    for d, rows in _groups(step.table("dense")):
+        a = lora_a[d].index_select(0, tokens.index_select(0, rows))  # [rows, rank]
+        y.index_add_(0, rows, a.to(y.dtype) @ _w(lora_b, d).to(y.dtype).T)
+
+
 def onednn_prepack() -> cpu_step.Prepack | None:
     """vLLM's oneDNN GEMM on a reordered weight (what its CPU linear layers run), for the
     kernels' shrinks and decode-sized expands (``cpu_step.set_prepack``); ``None`` where this
@@ -181,6 +194,7 @@ def onednn_prepack() -> cpu_step.Prepack | None:
 lora_linear_op = opaque.custom_op("cpu_lora_linear", lora_linear)
 nora_linear_op = opaque.custom_op("cpu_nora_linear", nora_linear)
 lora_embedding_op = opaque.custom_op("cpu_lora_embedding", lora_embedding)
+dense_embedding_op = opaque.custom_op("cpu_dense_embedding", dense_embedding)
 
 
 class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
@@ -279,14 +293,18 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
         return _rows(self.token_lora_indices, n)
 
     # -- embeddings and logits: skipped unless an adapter of the step has weights there -------
-    def _any_live(self, stacked: torch.Tensor, slots) -> bool:
-        """Whether a slot in ``slots`` holds non-zero weights in ``stacked`` (adapters without an
-        embedding / lm_head part leave their slot of these stacks all zero)."""
+    def _any_live(self, stacked: torch.Tensor, slots, owner=None) -> bool:
+        """Whether an index in ``slots`` holds non-zero weights in ``stacked`` (adapters without
+        an embedding / lm_head part leave theirs all zero). ``owner(i)``: the adapter holding
+        index ``i`` (default: the step's adapter per slot)."""
         ids = self._step.ids if self._step is not None else ()
+        if owner is None:
+            def owner(s):
+                return ids[s] if s < len(ids) else None
         for s in slots:
             if s < 0:
                 continue
-            key = (stacked.data_ptr(), s, ids[s] if s < len(ids) else None)
+            key = (stacked.data_ptr(), s, owner(s))
             live = self._live.get(key)
             if live is None:
                 live = self._live[key] = bool(stacked[s].any())
@@ -298,6 +316,11 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
                            add_inputs: bool = True, **kwargs: Any) -> None:
         run = lora_embedding_op if torch.compiler.is_compiling() else lora_embedding
         run(y.view(-1, y.shape[-1]), x, self._nora_key, lora_b_stacked, bool(add_inputs))
+
+    def add_dense_embedding(self, y: Tensor, tokens: Tensor, lora_a_stacked: Tensor,
+                            lora_b_stacked: Tensor) -> None:
+        run = dense_embedding_op if torch.compiler.is_compiling() else dense_embedding
+        run(y, tokens, self._nora_key, lora_a_stacked, lora_b_stacked)
 
     # -- logits --------------------------------------------------------------------------------
     def _logits_slots(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,11 +347,22 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs: Any) -> None:
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
-        if self._step is None or not self._any_live(lora_b_stacked, self._step.route("slots").slots):
+        if self._step is None:
+            return
+        plan = self.state.plan if self.state.dense_heads else None
+        if plan is None:  # stock stacks: one per slot
+            live = self._any_live(lora_b_stacked, self._step.route("slots").slots)
+        else:  # layers.DenseSlotsLogits: one per dense index
+            step = self._step_for(self._step.rows, plan)
+            live = self._any_live(lora_b_stacked, step.route("dense").slots, plan.dense_owner)
+        if not live:
             return
         slots = self._logits_slots(x2)
+        ranks = self._step.ranks
+        if plan is not None:
+            slots = torch.where(slots >= 0, plan.dense_of_slot[slots.clamp(min=0).long()].long(), -1)
+            ranks = plan.dense_ranks.tolist()
         route = cpu_step.build_route(slots)
-        ranks = self._step.ranks if self._step is not None else []
         if lora_b_stacked.shape[-2] <= y2.shape[1]:
             cpu_step.lora_linear(y2, x2, [lora_a_stacked], [lora_b_stacked], route, [ranks], float(scale), 0)
             return

@@ -78,6 +78,8 @@ _ARGS = "vllm.engine.arg_utils"
 _PLAT = "vllm.platforms"
 _BASE = "vllm.lora.layers.base_linear"
 _MM = "vllm.lora.model_manager"
+_LOGITS = "vllm.lora.layers.logits_processor"
+_EMBED = "vllm.lora.layers.vocab_parallel_embedding"
 _WM = "vllm.lora.worker_manager"
 _PB = "vllm.lora.punica_wrapper.punica_base"
 _PCPU = "vllm.lora.punica_wrapper.punica_cpu"
@@ -227,6 +229,31 @@ TABLE: tuple[Name, ...] = tuple(
             *[(c, "shared-basis storage (layers.py)") for c in (
                 "ColumnParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA",
                 "QKVParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA", "RowParallelLinearWithLoRA")])
+    + _rows("vllm.lora.layers", "subclass",
+            ("LogitsProcessorWithLoRA", "lm_head LoRA stacks of the K dense slots only (layers.py)"),
+            ("VocabParallelEmbeddingWithLoRA", "embedding LoRA stacks of the K dense slots only"))
+    + _rows(_MM, "wrap",
+            ("from_layer_logits_processor", "the logits layer built for the K dense slots, as "
+             "layers.DenseSlotsLogits (vLLM builds it without _all_lora_classes)", False,
+             "LoRAModelManager._create_lora_modules"))
+    + _rows(_LOGITS, "override",
+            ("LogitsProcessorWithLoRA.set_lora", "at the slot's dense index",
+             False, "vllm.lora.model_manager:LoRAModelManager.activate_adapter"),
+            ("LogitsProcessorWithLoRA.reset_lora", "the slot's dense index; its own set_lora calls it",
+             False, "LogitsProcessorWithLoRA.set_lora"))
+    + _rows(_EMBED, "override",
+            ("VocabParallelEmbeddingWithLoRA.create_lora_weights", "K dense slots, not --max-loras",
+             False, "vllm.lora.utils:from_layer"),
+            ("VocabParallelEmbeddingWithLoRA.set_lora", "at the slot's dense index",
+             False, "vllm.lora.model_manager:LoRAModelManager.activate_adapter"),
+            ("VocabParallelEmbeddingWithLoRA.reset_lora", "the slot's dense index; its own set_lora "
+             "calls it", False, "VocabParallelEmbeddingWithLoRA.set_lora"),
+            ("VocabParallelEmbeddingWithLoRA.forward", "A rows looked up at the dense index (the "
+             "stock forward adds slot * vocab)"))
+    + _rows(_EMBED, "read",
+            *[(f"VocabParallelEmbeddingWithLoRA.{a}", why, True) for a, why in (
+                ("lora_a_stacked", "[K, vocab, rank]"), ("lora_b_stacked", "[K, 1, d, rank]"),
+                ("base_layer", "the embedding itself, and its device"))])
     + _rows(_BASE, "import", ("BaseLinearLayerWithLoRA", "its reset_lora, called past the mixin"))
     + _rows(_BASE, "override",
             ("BaseLinearLayerWithLoRA._apply_lora_to_output", "the shared-basis forward (without it "

@@ -134,6 +134,8 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     from nora_serve.serving.cache.cores_file import read_cores
     from nora_serve.serving.scheduling import adapter_kind
 
+    from .layers import DenseSlotsMixin
+
     if state.plan is None:
         return None
     # The scheduler admitted this request with the same rule (scheduling.adapter_kind).
@@ -149,6 +151,11 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     loras = {m: LoRALayerWeights(m, c.shape[0], 1, c,
                                  no_b.setdefault(c.shape[0], torch.zeros(0, c.shape[0], dtype=dtype)),
                                  scaling=1.0) for m, c in cores.items() if m not in missing}
+    heads = [m for m in missing if isinstance(manager._adapter_manager.modules.get(m), DenseSlotsMixin)]
+    if heads:
+        raise ValueError(f"nora: adapter {lora_request.lora_name}: module {heads[0]} (embedding / lm_head) "
+                         "has a shared-basis core; those layers serve dense adapters only (fold it with "
+                         "nora-convert)")
     rank = entry.rank
     if missing:
         # Layers without shared-basis storage keep vLLM's own (one slot per adapter): those
