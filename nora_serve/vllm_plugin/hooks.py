@@ -285,7 +285,8 @@ def _install_shared_basis(state) -> None:
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
     from . import worker
-    from .layers import DenseSlotsMixin, SharedBasisLayerMixin, dense_slots_logits, layer_classes
+    from .layers import (DenseSlotsLogits, DenseSlotsMixin, SharedBasisLayerMixin, dense_slots_logits,
+                         layer_classes)
 
     # from_layer() takes the first class whose can_replace_layer() accepts the layer. On the
     # CPU (whose wrapper reads them) the embedding and logits stacks hold the dense slots only.
@@ -298,12 +299,13 @@ def _install_shared_basis(state) -> None:
         import vllm.lora.model_manager as model_manager
 
         orig_logits = model_manager.from_layer_logits_processor
+        logits_cls = next(c for c in own if issubclass(c, DenseSlotsLogits))
 
         @functools.wraps(orig_logits)
         def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
             plan = state.plan_for(max_loras, lm_head.weight.device)
             built = orig_logits(layer, lm_head, plan.dense_slots, lora_config, model_config)
-            return dense_slots_logits(built, own[-1])
+            return dense_slots_logits(built, logits_cls)
 
         model_manager.from_layer_logits_processor = from_layer_logits_processor
 

@@ -296,9 +296,11 @@ class DenseSlotsMixin:
     def reset_lora(self, index: int):
         if self._nora_direct:
             return super().reset_lora(index)
-        dense = self._dense_index(index)
-        if dense >= 0:  # a dense index taken over: its previous adapter's weights go
-            super().reset_lora(dense)
+        act = self.nora_state.activation
+        # Outside an activation there is nothing to clear: a dense index is reset or set
+        # whenever an adapter takes it over (activate_adapter visits every module).
+        if act is not None and act.slot == index and act.dense >= 0:
+            super().reset_lora(act.dense)
 
     def set_lora(self, index: int, lora_a, lora_b):
         dense = self._dense_index(index)
@@ -350,13 +352,13 @@ class DenseSlotsEmbedding(DenseSlotsMixin, VocabParallelEmbeddingWithLoRA):
 STOCK_CLASSES: tuple[type, ...] = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
                                    QKVParallelLinearWithLoRA, MergedQKVParallelLinearWithLoRA,
                                    RowParallelLinearWithLoRA)
-DENSE_SLOT_CLASSES: tuple[type, ...] = (DenseSlotsEmbedding, DenseSlotsLogits)  # logits last
+DENSE_SLOT_CLASSES: tuple[type, ...] = (DenseSlotsEmbedding, DenseSlotsLogits)
 
 
 def layer_classes(state: WorkerState, *, dense_heads: bool = False) -> tuple[type, ...]:
     """The shared-basis layer classes of one worker, each holding its ``state``; with
-    ``dense_heads`` (the CPU wrapper reads them) also the dense-slot embedding and logits (the
-    logits class last: vLLM's ``from_layer`` never takes it, :func:`dense_slots_logits` does)."""
+    ``dense_heads`` (the CPU wrapper reads them) also the dense-slot embedding and logits (vLLM's
+    ``from_layer`` never takes the logits one: :func:`dense_slots_logits` does)."""
     own = tuple(type(f"SharedBasis{c.__name__}", (SharedBasisLayerMixin, c), {"nora_state": state})
                 for c in STOCK_CLASSES)
     if dense_heads:
