@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_store.py                    # 10,000 and 1,024 (~15-25 min here)
     .venv/bin/python bench/bench_store.py --n 50 --also 20   # smoke run, a few minutes
     .venv/bin/python bench/bench_store.py --preload          # servers with --nora-preload-store
+    .venv/bin/python bench/bench_store.py --preload --starts 1  # + a start on a fresh cache, a restart
 
 **The store** (made once, cached under ``OUT/work/<sizes>/store-v2/``): ``nora-train --method
 nora`` trains ONE adapter on the benchmark's model (the random Llama of ``bench_serve.py``,
@@ -225,6 +226,64 @@ def store_of_n(store: Path, n: int, root: Path) -> Path:
     return view
 
 
+BASE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "128", "--gpu-memory-utilization", "0.1"]
+
+
+def server_args(store: Path, cache: Path, n: int, preload: bool) -> list[str]:
+    slots = -(-n // 1024) * 1024
+    out = BASE_ARGS + ["--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
+                       "--max-loras", str(slots), "--max-cpu-loras", str(slots), "--max-lora-rank", str(RANK),
+                       "--nora-dense-loras", "8", "--nora-max-bases", "2", "--nora-core-rank", str(RANK)]
+    return out + (["--nora-preload-store"] if preload else [])
+
+
+def _seconds(line: str | None, pattern: str) -> float | None:
+    m = re.search(pattern, line or "")
+    return float(m.group(1)) if m else None
+
+
+def extra_starts(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> list[dict]:
+    """``--starts K``: K more starts of the N server with ``--nora-preload-store``, each timed
+    from process start to ``/health`` with what is resident then: on a fresh, empty cache (vLLM's
+    compile cache is warm now: a user's new store on a configuration served before), and on the
+    cache the first N server left (a restart); then a stock vLLM server of the same model (no
+    LoRA, no plugin) for vLLM's own start in the same hour."""
+    from nora_serve.server_process import VLLM_ENTRY, ServerProcess
+
+    if args.preload and (store / f"a{n}").exists():
+        store = store_of_n(store, n, store.parent)
+    out = []
+    plan = [(kind, k) for k in range(args.starts) for kind in ("fresh cache", "restart")] + [("stock vLLM", 0)]
+    for kind, k in plan:
+        tag = f"start-{kind.split()[0]}-{k}"
+        if kind == "restart":
+            cache = runs / f"cache-n{n}"
+        else:
+            cache = runs / f"cache-{tag}"
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True)
+        stock = kind == "stock vLLM"
+        srv = ServerProcess(model, BASE_ARGS if stock else server_args(store, cache, n, True),
+                            entry=VLLM_ENTRY if stock else "nora_serve.cli.serve", env=env,
+                            startup_timeout=args.timeout, log=runs / f"server-{tag}.log")
+        srv.__enter__()
+        try:
+            r = {"kind": kind, "startup_s": round(srv.startup_s, 2),
+                 "resident_at_start": {} if stock else _resident(srv.metrics("nora:")),
+                 "engine_init_s": _seconds(_last_log_line(srv.log, r"(init engine .* took [\d.]+ s)"),
+                                           r"took ([\d.]+) s"),
+                 "preload_log": None if stock else _last_log_line(srv.log, r"nora: (preloaded \d+ store adapters.*)")}
+            r["after_engine_s"] = _seconds(r["preload_log"], r"in ([\d.]+) s after the engine started")
+        finally:
+            srv.__exit__()
+        if kind != "restart":
+            shutil.rmtree(cache, ignore_errors=True)
+        print(f"[store] N={n} {kind}: /health in {r['startup_s']:.1f} s; resident {r['resident_at_start']}; "
+              f"engine init {r['engine_init_s']} s; after the engine {r['after_engine_s']} s", flush=True)
+        out.append(r)
+    return out
+
+
 def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict:
     from nora_serve.server_process import ServerProcess
 
@@ -235,12 +294,7 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     slots = -(-n // 1024) * 1024
-    srv_args = ["--dtype", "bfloat16", "--max-model-len", "128", "--gpu-memory-utilization", "0.1",
-                "--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
-                "--max-loras", str(slots), "--max-cpu-loras", str(slots), "--max-lora-rank", str(RANK),
-                "--nora-dense-loras", "8", "--nora-max-bases", "2", "--nora-core-rank", str(RANK)]
-    if args.preload:
-        srv_args.append("--nora-preload-store")
+    srv_args = server_args(store, cache, n, args.preload)
     names = [f"a{j}" for j in range(n)]
     hdir = runs / "harness"
     res: dict = {"n": n, "max_loras": slots, "server_args": " ".join(srv_args), "store": str(store)}
@@ -498,6 +552,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preload", action="store_true",
                     help="start each server with --nora-preload-store: the store is loaded before /health "
                     "answers, and the first requests find their adapters resident")
+    ap.add_argument("--starts", type=int, default=0,
+                    help="after the runs, K more starts of the N server with --nora-preload-store: "
+                         "on a fresh cache (vLLM's compile cache warm) and on the cache it left (a "
+                         "restart), then a stock vLLM server's start [0]")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--sample-s", type=float, default=10.0, help="/metrics sampling period during the load run [10]")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results under OUT/store/, the store under OUT/work/ [{DEFAULT_OUT}]")
@@ -541,8 +599,22 @@ def main(argv=None) -> int:
         data["elapsed_s"] = round(time.perf_counter() - t_run, 1)
         (runs / "results.json").write_text(json.dumps(data, indent=1, default=str))
     ok = [r for r in results if "error" not in r]
+    if args.starts and ok and ok[-1]["n"] == args.n:
+        try:
+            data["starts"] = extra_starts(args, model, store, args.n, runs, env)
+        except Exception as e:  # noqa: BLE001 - recorded; the runs' report still prints
+            print(f"\n[store] --starts FAILED: {e}", flush=True)
+            data["starts_error"] = str(e)[-3000:]
+        (runs / "results.json").write_text(json.dumps(data, indent=1, default=str))
     print()
     print(report(disk, ok, args.n))
+    if data.get("starts"):
+        print(f"\nMore starts of the N = {args.n:,} server (--nora-preload-store), process start to /health:\n")
+        print("| start | /health (s) | resident at /health | engine init (s) | after the engine (s) |")
+        print("|---|---|---|---|---|")
+        for r in data["starts"]:
+            res = ", ".join(f"{k} {v}" for k, v in r["resident_at_start"].items()) or "–"
+            print(f"| {r['kind']} | {r['startup_s']:.1f} | {res} | {r['engine_init_s']} | {r['after_engine_s'] or '–'} |")
     print(f"\n[store] results: {runs / 'results.json'}; total {(time.perf_counter() - t_run) / 60:.1f} min", flush=True)
     return 1 if len(ok) < len(results) else 0
 
