@@ -229,8 +229,13 @@ def store_of_n(store: Path, n: int, root: Path) -> Path:
 BASE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "128", "--gpu-memory-utilization", "0.1"]
 
 
+def slots_for(n: int) -> int:
+    """--max-loras / --max-cpu-loras for N adapters: N rounded up to a multiple of 1024."""
+    return -(-n // 1024) * 1024
+
+
 def server_args(store: Path, cache: Path, n: int, preload: bool) -> list[str]:
-    slots = -(-n // 1024) * 1024
+    slots = slots_for(n)
     out = BASE_ARGS + ["--enable-nora", "--nora-adapter-dir", str(store), "--nora-cache-dir", str(cache),
                        "--max-loras", str(slots), "--max-cpu-loras", str(slots), "--max-lora-rank", str(RANK),
                        "--nora-dense-loras", "8", "--nora-max-bases", "2", "--nora-core-rank", str(RANK)]
@@ -250,7 +255,7 @@ def extra_starts(args, model: Path, store: Path, n: int, runs: Path, env: dict) 
     LoRA, no plugin) for vLLM's own start in the same hour."""
     from nora_serve.server_process import VLLM_ENTRY, ServerProcess
 
-    if args.preload and (store / f"a{n}").exists():
+    if (store / f"a{n}").exists():  # these starts preload: the store must hold exactly the N
         store = store_of_n(store, n, store.parent)
     out = []
     plan = [(kind, k) for k in range(args.starts) for kind in ("fresh cache", "restart")] + [("stock vLLM", 0)]
@@ -293,7 +298,7 @@ def run_n(args, model: Path, store: Path, n: int, runs: Path, env: dict) -> dict
     cache = runs / f"cache-{tag}"
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    slots = -(-n // 1024) * 1024
+    slots = slots_for(n)
     srv_args = server_args(store, cache, n, args.preload)
     names = [f"a{j}" for j in range(n)]
     hdir = runs / "harness"

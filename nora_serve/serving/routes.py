@@ -56,9 +56,7 @@ class Step:
             if tag == "slots":
                 self._tables[tag] = self.slots
             else:  # "dense"
-                valid = self.slots >= 0
-                safe = self.slots.clamp(min=0)
-                self._tables[tag] = torch.where(valid, self.plan.dense_of_slot[safe].long(), -1)
+                self._tables[tag] = self.plan.dense_of(self.slots)
         return self._tables[tag]
 
     def route(self, tag: str) -> cpu_step.Route:

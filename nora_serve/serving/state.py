@@ -45,7 +45,8 @@ class WorkerState:
         # Where the next free slot is looked for first (slots fill in order during a preload).
         self.free_slot_hint = 0
         # The embedding and logits LoRA layers hold the dense slots only (vllm_plugin.layers
-        # DenseSlotsMixin): the CPU wrapper then indexes them by dense index, not by slot.
+        # DenseSlotsMixin; set where they are installed): the CPU wrapper then indexes them by
+        # dense index, not by slot.
         self.dense_heads = False
 
     @classmethod

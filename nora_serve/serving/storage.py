@@ -130,6 +130,10 @@ class SlotPlan:
         self.version += 1
         return Activation(slot, storage, dense, group)
 
+    def dense_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Per-row dense index (int64, -1: none) of a per-row slot table (-1: no adapter)."""
+        return torch.where(slots >= 0, self.dense_of_slot[slots.clamp(min=0).long()].long(), -1)
+
     def dense_owner(self, dense: int) -> int | None:
         """The adapter id holding dense index ``dense`` (None: free)."""
         return self._dense_owner[dense]

@@ -285,27 +285,25 @@ def _install_shared_basis(state) -> None:
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
     from . import worker
-    from .layers import (DenseSlotsLogits, DenseSlotsMixin, SharedBasisLayerMixin, dense_slots_logits,
-                         layer_classes)
+    from .layers import DenseSlotsMixin, SharedBasisLayerMixin, dense_slots_logits, layer_classes
 
     # from_layer() takes the first class whose can_replace_layer() accepts the layer. On the
     # CPU (whose wrapper reads them) the embedding and logits stacks hold the dense slots only.
     from vllm.platforms import current_platform
 
-    dense_heads = current_platform.is_cpu()
-    own = layer_classes(state, dense_heads=dense_heads)
-    lora_utils._all_lora_classes = own + tuple(lora_utils._all_lora_classes)
-    if dense_heads:  # vLLM builds the logits layer itself, for --max-loras slots
+    state.dense_heads = current_platform.is_cpu()
+    lora_utils._all_lora_classes = (layer_classes(state, dense_heads=state.dense_heads)
+                                    + tuple(lora_utils._all_lora_classes))
+    if state.dense_heads:  # vLLM builds the logits layer itself, for --max-loras slots
         import vllm.lora.model_manager as model_manager
 
         orig_logits = model_manager.from_layer_logits_processor
-        logits_cls = next(c for c in own if issubclass(c, DenseSlotsLogits))
 
         @functools.wraps(orig_logits)
         def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
             plan = state.plan_for(max_loras, lm_head.weight.device)
             built = orig_logits(layer, lm_head, plan.dense_slots, lora_config, model_config)
-            return dense_slots_logits(built, logits_cls)
+            return dense_slots_logits(built, state)
 
         model_manager.from_layer_logits_processor = from_layer_logits_processor
 

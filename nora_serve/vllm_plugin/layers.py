@@ -287,12 +287,6 @@ class DenseSlotsMixin:
     nora_state: WorkerState
     _nora_direct = False  # the stock set_lora's own reset_lora call: already a dense index
 
-    def _dense_index(self, index: int) -> int:
-        act = self.nora_state.activation
-        if act is None or act.slot != index:
-            raise RuntimeError(f"nora: {type(self).__name__}: slot {index} set outside an adapter activation")
-        return act.dense
-
     def reset_lora(self, index: int):
         if self._nora_direct:
             return super().reset_lora(index)
@@ -303,14 +297,15 @@ class DenseSlotsMixin:
             super().reset_lora(act.dense)
 
     def set_lora(self, index: int, lora_a, lora_b):
-        dense = self._dense_index(index)
-        if dense < 0:  # worker._load_cores refuses such an adapter first
-            act = self.nora_state.activation
+        act = self.nora_state.activation
+        if act is None or act.slot != index:
+            raise RuntimeError(f"nora: {type(self).__name__}: slot {index} set outside an adapter activation")
+        if act.dense < 0:  # worker._load_cores refuses such an adapter first
             raise ValueError(f"nora: adapter {act.storage.name or act.slot}: embedding / lm_head LoRA "
                              "weights are served for dense adapters only")
         self._nora_direct = True
         try:
-            super().set_lora(dense, lora_a, lora_b)
+            super().set_lora(act.dense, lora_a, lora_b)
         finally:
             self._nora_direct = False
 
@@ -319,23 +314,21 @@ class DenseSlotsMixin:
 
 
 class DenseSlotsLogits(DenseSlotsMixin, LogitsProcessorWithLoRA):
-    """vLLM builds it itself (``from_layer_logits_processor``, not ``from_layer``): the hook
-    there builds the stock layer for the dense slots and gives it this class
-    (:func:`dense_slots_logits`)."""
+    """vLLM builds the logits layer itself (``from_layer_logits_processor``, not through
+    ``from_layer``): the hook there builds the stock layer for the dense slots and gives it a
+    worker's class of this one (:func:`dense_slots_logits`)."""
 
 
-def dense_slots_logits(layer: LogitsProcessorWithLoRA, cls: type) -> LogitsProcessorWithLoRA:
-    """``layer``, built by vLLM for the dense slots, as ``cls`` (a :class:`DenseSlotsLogits`
-    of this worker): the same object and stacks, with slots mapped to dense indices."""
-    layer.__class__ = cls
-    cls.nora_state.dense_heads = True
+def dense_slots_logits(layer: LogitsProcessorWithLoRA, state: WorkerState) -> LogitsProcessorWithLoRA:
+    """``layer``, built by vLLM for the dense slots, as a :class:`DenseSlotsLogits` holding
+    ``state``: the same object and stacks, with slots mapped to dense indices."""
+    layer.__class__ = type(DenseSlotsLogits.__name__, (DenseSlotsLogits,), {"nora_state": state})
     return layer
 
 
 class DenseSlotsEmbedding(DenseSlotsMixin, VocabParallelEmbeddingWithLoRA):
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         plan = self.nora_state.plan_for(max_loras, self.base_layer.weight.device)
-        self.nora_state.dense_heads = True
         super().create_lora_weights(plan.dense_slots, lora_config, model_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,15 +345,14 @@ class DenseSlotsEmbedding(DenseSlotsMixin, VocabParallelEmbeddingWithLoRA):
 STOCK_CLASSES: tuple[type, ...] = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
                                    QKVParallelLinearWithLoRA, MergedQKVParallelLinearWithLoRA,
                                    RowParallelLinearWithLoRA)
-DENSE_SLOT_CLASSES: tuple[type, ...] = (DenseSlotsEmbedding, DenseSlotsLogits)
 
 
 def layer_classes(state: WorkerState, *, dense_heads: bool = False) -> tuple[type, ...]:
-    """The shared-basis layer classes of one worker, each holding its ``state``; with
-    ``dense_heads`` (the CPU wrapper reads them) also the dense-slot embedding and logits (vLLM's
-    ``from_layer`` never takes the logits one: :func:`dense_slots_logits` does)."""
+    """The layer classes ``from_layer`` may take in one worker, each holding its ``state``: the
+    shared-basis ones and, with ``dense_heads`` (the CPU wrapper reads them), the dense-slot
+    embedding (the logits layer: :func:`dense_slots_logits`)."""
     own = tuple(type(f"SharedBasis{c.__name__}", (SharedBasisLayerMixin, c), {"nora_state": state})
                 for c in STOCK_CLASSES)
     if dense_heads:
-        own += tuple(type(c.__name__, (c,), {"nora_state": state}) for c in DENSE_SLOT_CLASSES)
+        own += (type(DenseSlotsEmbedding.__name__, (DenseSlotsEmbedding,), {"nora_state": state}),)
     return own

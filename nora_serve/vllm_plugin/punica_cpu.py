@@ -360,7 +360,7 @@ class NoraPunicaWrapperCPU(PunicaWrapperCPU, NoraPunicaOps):
         slots = self._logits_slots(x2)
         ranks = self._step.ranks
         if plan is not None:
-            slots = torch.where(slots >= 0, plan.dense_of_slot[slots.clamp(min=0).long()].long(), -1)
+            slots = plan.dense_of(slots)
             ranks = plan.dense_ranks.tolist()
         route = cpu_step.build_route(slots)
         if lora_b_stacked.shape[-2] <= y2.shape[1]:
