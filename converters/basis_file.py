@@ -181,8 +181,8 @@ def read_basis(path: str | os.PathLike, expect_digest: str | None = None) -> tup
     # Read and checked once per file version, not once per adapter that names it (a server
     # loading thousands of adapters of one base).
     try:
-        st = path.stat()
-        memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        st = path.stat()  # the file itself (a link followed): no path resolved per adapter
+        memo_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
         memo_key = None
     hit = _read_memo.get(memo_key) if memo_key else None

@@ -107,7 +107,59 @@ def detect_format(path: str | Path) -> str:
 def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
     """Every targeted module must exist in ``base`` with the adapter's shape, and (where the
     adapter records them) the base fingerprints must match. Returns the base's fingerprints of
-    the targeted modules."""
+    the targeted modules.
+
+    A check that passed is remembered per version of the base's weight files and what of the
+    adapter it read (its modules' shapes, recorded fingerprints and named base): a store
+    conversion checks thousands of adapters that record the same base, and the check's own
+    file and path work was a tenth of each conversion."""
+    key = _check_key(deltas, base)
+    hit = _check_memo.get(key) if key is not None else None
+    if hit is not None:
+        fps, deltas.base_check = hit
+        return dict(fps)
+    fps, other_dir = _check_against_base(deltas, base)
+    # Not remembered where the adapter's named base is another directory (its files are not in
+    # the key) or could not be checked (a note: it may be found later).
+    if key is not None and not other_dir and deltas.base_check.note is None:
+        _check_memo[key] = (dict(fps), deltas.base_check)
+        while len(_check_memo) > _CHECK_MEMO_SIZE:
+            _check_memo.pop(next(iter(_check_memo)))
+    return fps
+
+
+_CHECK_MEMO_SIZE = 64
+_check_memo: dict[tuple, tuple[dict[str, str], BaseCheck]] = {}
+
+
+def _check_key(deltas: AdapterDeltas, base: Path) -> tuple | None:
+    """What :func:`_check_against_base` depends on, or ``None`` (not remembered): the base's
+    weight files (path, size, mtime, inode) and config, and of the adapter its modules' shapes,
+    its recorded fingerprints and the base it names (a relative name is the adapter's own:
+    it resolves against its directory)."""
+    import os
+
+    name = deltas.base_model_name_or_path
+    if name is not None and not isinstance(name, str):
+        return None
+    try:
+        with os.scandir(base) as it:
+            files = sorted((e.name, st.st_size, st.st_mtime_ns, st.st_ino) for e in it
+                           if e.name.endswith(".safetensors") or e.name == "config.json"
+                           for st in [e.stat()])
+    except OSError:
+        return None
+    relative = isinstance(name, str) and name.strip() and not os.path.isabs(os.path.expanduser(name.strip()))
+    fps = deltas.base_fingerprints
+    if fps is not None and not isinstance(fps, dict):
+        return None
+    return (os.path.abspath(base), tuple(files),
+            tuple(sorted((m, tuple(e.shape)) for m, e in deltas.entries.items())),
+            tuple(sorted((str(m), str(f)) for m, f in (fps or {}).items())),
+            name, str(deltas.path) if relative else None)
+
+
+def _check_against_base(deltas: AdapterDeltas, base: Path) -> tuple[dict[str, str], bool]:
     from .fingerprint import base_fingerprints
 
     shapes = base_weight_shapes(base)
@@ -135,7 +187,7 @@ def check_against_base(deltas: AdapterDeltas, base: Path) -> dict[str, str]:
     named, note = compare_named_base(deltas.base_model_name_or_path, deltas.path, Path(base), fps, where)
     deltas.base_check = BaseCheck(str(Path(base).resolve()), shapes=len(deltas.entries),
                                   fingerprints=len(fps) if recorded or named else 0, note=note)
-    return fps
+    return fps, named
 
 
 def read_adapter(path: str | Path, *, base: str | Path | None = None, fmt: str | None = None,

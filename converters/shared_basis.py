@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nora_serve.methods import get_method, is_method
 
-from .basis_file import basis_key
+from .basis_file import basis_key, read_basis
 from .native import CONFIG_NAME, FORMAT_VERSION_CORES, WEIGHTS_NAME, method_scale
 from .read_native import _is_native_config, load_shared_basis
 from .tensors_io import load_safetensors, read_json
@@ -80,18 +81,37 @@ def split_shared_basis(path: str | Path, basis: str | Path | None = None, *, del
             per_module.setdefault(module, {})[name] = t
     bfile = None
     if cfg.get("format_version") == FORMAT_VERSION_CORES:
-        bfile, basis_t = load_shared_basis(path, cfg, basis)
-        for module, t in per_module.items():
-            t[a_name], t[b_name] = basis_t[f"{module}.A"], basis_t[f"{module}.B"]
-    pair, cores = {}, {}
-    for module, t in sorted(per_module.items()):
-        pair[f"{module}.A"] = t[a_name].contiguous()
-        pair[f"{module}.B"] = t[b_name].contiguous()
-        # The core is the adapter's own tensors (the basis is not part of it: not converted here).
-        cores[module] = spec.core({k: v.double() for k, v in t.items() if k not in spec.shared}, scale).float()
-    ranks = {c.shape[0] for c in cores.values()}
-    if bfile is not None:  # the whole file, whose content read_basis checked against the digest
+        if deltas is not None and deltas.basis_path is not None:  # the reader found and merged it
+            bfile = Path(deltas.basis_path)
+            basis_t, _ = read_basis(bfile, expect_digest=cfg["shared_basis"]["digest"])
+        else:
+            bfile, basis_t = load_shared_basis(path, cfg, basis)
+            for module, t in per_module.items():
+                t[a_name], t[b_name] = basis_t[f"{module}.A"], basis_t[f"{module}.B"]
+        # The whole file, whose content read_basis checked against the digest.
         pair, key = dict(basis_t), cfg["shared_basis"]["digest"]
     else:
+        pair = {f"{m}.{k}": t[n].contiguous() for m, t in sorted(per_module.items())
+                for k, n in (("A", a_name), ("B", b_name))}
         key = basis_key(pair)
+    # The core is the adapter's own tensors (the basis is not part of it: not converted here).
+    cores = _cores(spec, {m: {k: v for k, v in t.items() if k not in spec.shared} for m, t in per_module.items()},
+                   scale)
+    ranks = {c.shape[0] for c in cores.values()}
     return SharedBasisSplit(method, max(ranks), key, pair, cores, bfile)
+
+
+def _cores(spec, own: dict[str, dict[str, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
+    """Each module's core, ``spec.core`` in float64 then float32: one call over the modules
+    stacked where all have the same tensors and shapes (a method's core is products and scalings,
+    which broadcast over the stack; per module this was a fifth of a store conversion)."""
+    mods = sorted(own)
+    if len(mods) > 1 and len({tuple((k, tuple(v.shape)) for k, v in sorted(own[m].items())) for m in mods}) == 1:
+        # On numpy arrays: torch's batched float64 product runs on its thread pool, whose
+        # threads then spin beside the server's start (numpy multiplies each matrix in turn,
+        # bit for bit as one product per module does).
+        stacked = {k: torch.stack([own[m][k] for m in mods]).double().numpy() for k in own[mods[0]]}
+        c = spec.core(stacked, scale)
+        if isinstance(c, np.ndarray) and c.ndim == 3 and c.shape[0] == len(mods):
+            return dict(zip(mods, torch.from_numpy(c).float().unbind(0)))
+    return {m: spec.core({k: v.double() for k, v in own[m].items()}, scale).float() for m in mods}

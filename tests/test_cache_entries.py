@@ -8,6 +8,7 @@ stacks refused."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -91,6 +92,50 @@ def test_cores_read_back_as_written(tmp_path):
     as_bf16 = read_cores(f, torch.bfloat16)
     for m, t in cores.items():
         assert as_bf16[m].dtype == torch.bfloat16 and torch.equal(as_bf16[m], t.to(torch.bfloat16)), m
+
+
+def test_cores_sent_to_the_workers_arrive_as_written(tmp_path):
+    """--nora-preload-store hands the workers each entry's stacks as plain values (vLLM's engine
+    calls carry no tensors): every dtype, an empty stack and an old per-module file survive."""
+    from safetensors.torch import save_file
+
+    from nora_serve.serving.cache.cores_file import read_stacks, stacks_from_wire, stacks_to_wire, unstack
+
+    cores = _cores()
+    f = tmp_path / "cores.safetensors"
+    write_cores(f, cores)
+    wire = stacks_to_wire(read_stacks(f) + [(("empty",), torch.zeros(1, 0, 8))])
+    assert all(type(v) in (list, str, bytes) for stack in wire for v in stack)
+    got = unstack(stacks_from_wire(wire))
+    assert got.pop("empty").shape == (0, 8)
+    assert got.keys() == cores.keys()
+    for m, t in cores.items():
+        assert got[m].dtype == t.dtype and torch.equal(got[m], t), m
+    old = tmp_path / "old.safetensors"
+    save_file(cores, str(old))  # one tensor per module, as entries were first written
+    got = unstack(stacks_from_wire(stacks_to_wire(read_stacks(old))), torch.float32)
+    assert got.keys() == cores.keys() and all(torch.equal(got[m], t.float()) for m, t in cores.items())
+
+
+def test_a_rewritten_marker_is_read_again(tmp_path):
+    """Markers are read once per version of the file (loading reads one twice): a marker written
+    anew is never answered from the first reading."""
+    from nora_serve.serving.cache.keys import MARKER
+    from nora_serve.serving.cache.trust import read_marker
+
+    entry = tmp_path / "e"
+    entry.mkdir()
+    (entry / MARKER).write_text(json.dumps({"key": "a"}))
+    first = read_marker(entry)
+    assert first == {"key": "a"}
+    first["key"] = "changed by the caller"  # a copy: the next reader sees the file's
+    assert read_marker(entry) == {"key": "a"}
+    tmp = entry / "new"
+    tmp.write_text(json.dumps({"key": "b", "more": 1}))
+    os.replace(tmp, entry / MARKER)
+    assert read_marker(entry) == {"key": "b", "more": 1}
+    (entry / MARKER).write_text("[1, 2]")  # not an object: no marker
+    assert read_marker(entry) is None
 
 
 def test_cores_written_per_module_read_too(tmp_path):

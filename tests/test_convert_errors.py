@@ -219,6 +219,35 @@ def test_fingerprint_mismatch(fixtures_dir, base_dir, tmp_path, capsys):
                  contains=["fingerprint mismatch", f"module {Q0}", f"{Q0}.weight"])
 
 
+def test_a_passed_base_check_is_never_reused_for_another_base_or_adapter(base_dir, tmp_path):
+    """The check against a base is remembered once passed (a store checks thousands of adapters
+    of one base): a base changed on disk since, or an adapter recording another base's
+    fingerprints, is still refused."""
+    from nora_serve.converters.fingerprint import base_fingerprints
+    from nora_serve.converters.native import NativeAdapter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {Q0: {"lora_A": torch.randn(4, 64, generator=g), "lora_B": torch.randn(64, 4, generator=g)}}
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    mine = NativeAdapter({"method": "lora", "r": 4, "lora_alpha": 8,
+                          "base_fingerprints": base_fingerprints(base, [Q0])}, tensors).save(tmp_path / "mine")
+    read_adapter(mine, base=base)
+    read_adapter(mine, base=base)  # remembered
+    other = tmp_path / "other_base"
+    shutil.copytree(base_dir, other)
+    edit_tensors(other / "model.safetensors", lambda t: t[f"{Q0}.weight"].add_(1e-3))
+    theirs = NativeAdapter({"method": "lora", "r": 4, "lora_alpha": 8,
+                            "base_fingerprints": base_fingerprints(other, [Q0])}, tensors).save(tmp_path / "theirs")
+    with pytest.raises(AdapterError, match="fingerprint mismatch"):
+        read_adapter(theirs, base=base)
+    # The base itself changes on disk: what passed against it before is checked again.
+    edit_tensors(base / "model.safetensors", lambda t: t[f"{Q0}.weight"].add_(1e-3))
+    with pytest.raises(AdapterError, match="fingerprint mismatch"):
+        read_adapter(mine, base=base)
+    read_adapter(theirs, base=base)
+
+
 def test_use_dora_refused(fixtures_dir, tmp_path, capsys):
     src = copy(fixtures_dir, "peft_lora_rank_pattern", tmp_path)
     edit_config(src, lambda cfg: cfg.update({"use_dora": True}))

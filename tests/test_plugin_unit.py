@@ -215,6 +215,30 @@ def test_flag_goes_to_additional_config(base_dir, tmp_path):
     assert ea.max_loras == 2 and ea.max_lora_rank == 16
 
 
+def test_compile_cache_key_leaves_out_the_directories_not_the_graph(tmp_path):
+    """vLLM keys its compile cache on VllmConfig.compute_hash: a server on another cache or
+    store directory (or preloading, or with another cache bound) must find its compiled graph;
+    one with other slot storage sizes must not."""
+    from vllm.config import VllmConfig
+
+    from nora_serve.vllm_plugin import hooks
+
+    hooks.install_config_hash_hook()
+
+    def key(**nora):
+        config = VllmConfig(additional_config={"nora": {"enabled": True, "core_rank": 16, **nora}, "other": 1})
+        before = {k: dict(v) if isinstance(v, dict) else v for k, v in config.additional_config.items()}
+        h = config.compute_hash()
+        assert config.additional_config == before  # the config itself is left as it was
+        return h
+
+    plain = key()
+    assert key(cache_dir=str(tmp_path / "a"), adapter_dir=str(tmp_path / "s"), preload_store=True,
+               cache_max_gb=1.0, check_base=False, allow_runtime_loading=True) == plain
+    assert key(core_rank=8) != plain and key(dense_loras=4) != plain and key(max_bases=2) != plain
+    assert VllmConfig(additional_config={"nora": {"enabled": True, "core_rank": 16}, "other": 2}).compute_hash() != plain
+
+
 def test_nora_serve_help_lists_flags():
     p = subprocess.run([sys.executable, "-m", "nora_serve.cli.serve", "--help=nora"], capture_output=True,
                        text=True, timeout=300)

@@ -41,6 +41,28 @@ def test_split_reproduces_each_modules_delta(base_dir, tmp_path):
             assert torch.allclose(got, want, atol=1e-5), (method, module)
 
 
+def test_cores_computed_for_all_modules_at_once_equal_each_modules_own(base_dir, shared, tmp_path):
+    """The split computes every module's core in one call on a stack of them: bit for bit the
+    method's core of each module alone (float64, then float32), format_version 1 and 2."""
+    from nora_serve.converters.native import CONFIG_NAME, method_scale
+    from nora_serve.converters.shared_basis import split_shared_basis
+    from nora_serve.converters.tensors_io import read_json
+    from nora_serve.methods import get_method
+
+    native = make_native_adapters(base_dir, tmp_path, seed=5)
+    for path in (native["nora"], native["inttune"], shared["nora_a"], shared["inttune_a"]):
+        cfg = read_json(path / CONFIG_NAME)
+        spec, scale = get_method(cfg["method"]), method_scale(cfg)
+        split = split_shared_basis(path)
+        from nora_serve.converters import read_adapter
+
+        d = read_adapter(path)
+        assert len(split.cores) > 1
+        for module, e in d.entries.items():
+            own = {k: v.double() for k, v in e.raw.items() if k not in spec.shared}
+            assert torch.equal(split.cores[module], spec.core(own, scale).float()), (path.name, module)
+
+
 def test_adapters_from_one_base_share_one_basis_file(base_dir, shared, tmp_path):
     from nora_serve.serving.cache.build import prepare_adapter
     from nora_serve.serving.cache.trust import shared_basis_entry

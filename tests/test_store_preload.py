@@ -75,6 +75,10 @@ def test_preloaded_store_adapters_are_resident_at_start_and_answer_as_before(bas
         resident = {s: at_start.get(f'nora:adapters_resident{{storage="{s}"}}') for s in ("cores", "dense")}
         assert resident == {"cores": len(CORES), "dense": len(DENSE)}, at_start
         assert at_start.get("nora:bases_resident") == 2, at_start  # NoRA's and IntTune's
+        # The workers made the core-only ones from the cores the API server sent (not reading
+        # and hashing each entry again), the dense ones through the cache.
+        assert "nora: 6 adapters loaded in bulk (4 of them from the cores the API server sent), 0 not" \
+            in srv.log.read_text(errors="replace")
         converted = sum(v for k, v in at_start.items() if k.startswith("nora:adapter_conversions_total"))
         listed = {m["id"] for m in srv.get("/v1/models").json()["data"]}
         assert set(CORES + DENSE) <= listed, listed  # known to the API server as resolved

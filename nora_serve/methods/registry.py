@@ -71,6 +71,8 @@ class Method:
     shared: tuple[str, str] | None = None
     shared_rule: str | None = None  # recorded in the config's ``shared_basis``
     basis: Callable[..., dict[str, torch.Tensor]] | None = None  # (W0, r[, act_scale]) -> tensors
+    # C from the adapter's own tensors: products and scalings only (``@``, ``*``), so that one
+    # call serves every module at once on a float64 stack of them (converters/shared_basis.py).
     core: Callable[[Tensors, float], torch.Tensor] | None = None
     frozen_variant: str | None = None  # the method with this one's shared tensors frozen
     # Training.

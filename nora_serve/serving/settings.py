@@ -49,6 +49,12 @@ class NoraSettings:
     # that their first request finds them resident (serving.py StorePreload).
     preload_store: bool = False
 
+    # Where adapters and the cache live and how requests are admitted: none changes the model's
+    # computation graph, so none is in vLLM's compile-cache key (hooks.install_config_hash_hook):
+    # a server started on another cache or store directory must not compile again.
+    NOT_IN_GRAPH = ("adapter_dir", "cache_dir", "check_base", "cache_max_gb", "allow_runtime_loading",
+                    "preload_store")
+
     @property
     def shared_basis(self) -> bool:
         return self.core_rank > 0 and self.max_bases > 0

@@ -29,6 +29,7 @@ class WorkerState:
         # How each loaded adapter is stored (by lora_int_id); warm-up dummies are EMPTY.
         self.adapter_storage: dict[int, AdapterStorage] = {}
         self.plan: SlotPlan | None = None  # the slot plan of this worker's LoRA model manager
+        self.shared_modules: set[str] | None = None  # modules with shared-basis layers (once known)
         self.bases = BasisStore()  # shared bases, read once per process
         # Adapter ids the current step needs (set around vLLM's _apply_adapters), None: unknown.
         self.step_adapters: set[int] | None = None

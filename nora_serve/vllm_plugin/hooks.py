@@ -126,6 +126,37 @@ def install_general_hooks() -> None:
 
     install_scheduler_hooks()
     install_compile_hook()
+    install_config_hash_hook()
+
+
+def install_config_hash_hook() -> None:
+    """vLLM keys its compile cache on ``VllmConfig.compute_hash``, which hashes all of
+    ``additional_config``: the nora settings that never change the graph
+    (``NoraSettings.NOT_IN_GRAPH``: the store and cache directories, ...) are left out, so that a
+    server started on a new cache directory finds the graph it compiled before (a cold compile
+    was 30 s of a 2-core machine's start, minutes on larger models)."""
+    if not _once("config_hash"):
+        return
+    import copy
+
+    from vllm.config import VllmConfig
+
+    from nora_serve.serving.settings import KEY, NoraSettings
+
+    orig = VllmConfig.compute_hash
+
+    @functools.wraps(orig)
+    def compute_hash(self, *a, **kw):
+        extra = self.additional_config
+        nora = extra.get(KEY) if isinstance(extra, dict) else None
+        if not isinstance(nora, dict) or not set(nora) & set(NoraSettings.NOT_IN_GRAPH):
+            return orig(self, *a, **kw)
+        graph = {k: v for k, v in nora.items() if k not in NoraSettings.NOT_IN_GRAPH}
+        view = copy.copy(self)  # the config itself is never changed (other threads read it)
+        object.__setattr__(view, "additional_config", {**extra, KEY: graph})
+        return orig(view, *a, **kw)
+
+    VllmConfig.compute_hash = compute_hash
 
 
 # Named after the classes they build: vLLM logs "Using <name>." for what it builds.

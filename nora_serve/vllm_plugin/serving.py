@@ -216,6 +216,24 @@ class FrontEnd:
             if models is not None:
                 getattr(models, "lora_requests", {}).pop(name, None)
 
+    def cores_to_send(self, ticket: Ticket):
+        """``--nora-preload-store``: a shared-basis adapter's cores as its entry holds them,
+        ``(SharedBasisEntry fields, stacks as cores_file.stacks_to_wire makes them)``, read here
+        where the entry was checked and is pinned (the workers then neither read nor hash the
+        entry again), or ``None`` (the workers read the entry as on a first request)."""
+        from nora_serve.serving.cache.cores_file import read_stacks, stacks_to_wire
+        from nora_serve.serving.cache.trust import shared_basis_entry
+
+        p = ticket.prepared
+        try:
+            sb = shared_basis_entry(p.path, self.settings.cache_path, trusted=Path(p.path).parent)
+            if sb is None:
+                return None
+            return [sb.key, sb.rank, sb.method, str(sb.cores), str(sb.basis)], stacks_to_wire(read_stacks(sb.cores))
+        except Exception as e:  # the workers then read it themselves, and say what is wrong
+            logger.debug("nora: cores of %s not read for the preload: %s", p.path, e)
+            return None
+
     # -- converting --------------------------------------------------------------------------
     def _prepare_blocking(self, lora_path: str):
         s = self.settings
@@ -327,6 +345,11 @@ class StorePreload:
             chunk, self.tickets = self.tickets[:n], self.tickets[n:]
             return chunk
 
+    def ended(self) -> bool:
+        """The pass has ended and every ticket was taken."""
+        with self._cond:
+            return self._done and not self.tickets
+
     def stop(self) -> list[tuple[str, "Ticket"]]:
         """End the pass (after the adapter being converted now): the tickets never taken."""
         with self._cond:
@@ -401,16 +424,22 @@ async def preload_store(front: FrontEnd, models) -> None:
     loaded = failed = 0
     engine_s = 0.0
     pinned: list = []
+
+    def next_chunk():  # in a thread: the next chunk's cores are read while the workers load one
+        chunk = pre.next_chunk(PRELOAD_CHUNK)
+        pinned.extend(t for _, t in chunk)
+        return [(name, t, front.cores_to_send(t)) for name, t in chunk if name not in models.lora_requests]
+
+    ahead = asyncio.ensure_future(asyncio.to_thread(next_chunk))
     try:
         while True:
-            chunk = await asyncio.to_thread(pre.next_chunk, PRELOAD_CHUNK)
-            if not chunk:
+            todo = await ahead  # --lora-modules win: their names are not in it
+            if not todo and pre.ended():
                 break
-            pinned += [t for _, t in chunk]
-            todo = [(name, t) for name, t in chunk if name not in models.lora_requests]  # --lora-modules win
+            ahead = asyncio.ensure_future(asyncio.to_thread(next_chunk))
             if not todo:
                 continue
-            entries = [(name, t.lora_id, t.prepared.path) for name, t in todo]
+            entries = [(name, t.lora_id, t.prepared.path, sent) for name, t, sent in todo]
             t1 = time.perf_counter()
             try:
                 replies = await models.engine_client.collective_rpc(WORKER_PRELOAD, args=(entries,))
@@ -423,7 +452,7 @@ async def preload_store(front: FrontEnd, models) -> None:
                 for name, err in reply:
                     if err and name not in errors:
                         errors[name] = err
-            for name, t in todo:
+            for name, t, _ in todo:
                 if name in errors:
                     failed += 1
                     logger.warning("nora: store adapter %s not preloaded: %s", name, errors[name])
@@ -434,6 +463,7 @@ async def preload_store(front: FrontEnd, models) -> None:
                 loaded += 1
     finally:
         pinned += [t for _, t in await asyncio.to_thread(pre.stop)]
+        await asyncio.gather(ahead, return_exceptions=True)  # the chunk it took is in pinned
         for t in pinned:
             front._unpin(t.prepared.key)
     removed = await asyncio.to_thread(front.enforce_cache_limit)

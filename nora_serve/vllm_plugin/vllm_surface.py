@@ -128,6 +128,9 @@ TABLE: tuple[Name, ...] = tuple(
             ("VllmConfig.additional_config", "the nora settings (settings_of)"))
     + _rows("vllm.config", "write",
             ("VllmConfig.lora_config", "None during CpuPlatform's config pass, put back after"))
+    + _rows("vllm.config", "wrap",
+            ("VllmConfig.compute_hash", "the compile-cache key leaves out the nora settings that "
+             "never change the graph (NoraSettings.NOT_IN_GRAPH)"))
     + _rows("vllm.logger", "read",
             ("init_logger", "the plugin's logger, vllm.nora"),
             ("configure_logging_from_args", "nora-serve sets logging up as vllm serve does"))

@@ -50,12 +50,15 @@ def convert_request(state: WorkerState, manager, lora_request, *, folded: bool =
 
 
 # -- shared-basis storage ----------------------------------------------------------------------
-def _shared_modules(adapter_manager) -> set[str]:
-    """Module names served by shared-basis layers in this worker."""
+def _shared_modules(state: WorkerState, adapter_manager) -> set[str]:
+    """Module names served by shared-basis layers in this worker (found once: the layers are
+    built once)."""
     from .layers import SharedBasisLayerMixin
 
-    return {sub for mod in adapter_manager.modules.values() if isinstance(mod, SharedBasisLayerMixin)
-            for sub in (mod.nora_sub_modules or ())}
+    if state.shared_modules is None:
+        state.shared_modules = {sub for mod in adapter_manager.modules.values()
+                                if isinstance(mod, SharedBasisLayerMixin) for sub in (mod.nora_sub_modules or ())}
+    return state.shared_modules
 
 
 def load_adapter(state: WorkerState, manager, orig_load, lora_request):
@@ -128,13 +131,8 @@ def mark_dummy(state: WorkerState, lora_int_id: int) -> None:
 
 
 def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, checked):
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.lora_weights import LoRALayerWeights
-
     from nora_serve.serving.cache.cores_file import read_cores
     from nora_serve.serving.scheduling import adapter_kind
-
-    from .layers import DenseSlotsMixin
 
     if state.plan is None:
         return None
@@ -143,10 +141,25 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     entry = adapter_kind(state.settings, manager.lora_config, request.lora_path, trusted=checked)
     if entry is None:
         return None
+    return _cores_model(state, manager, lora_request, orig_load, request, entry,
+                        read_cores(entry.cores, _lora_dtype(manager)))
+
+
+def _lora_dtype(manager) -> torch.dtype:
     dtype = manager.lora_config.lora_dtype
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    cores = read_cores(entry.cores, dtype)
-    missing = sorted(set(cores) - _shared_modules(manager._adapter_manager))
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _cores_model(state: WorkerState, manager, lora_request, orig_load, request, entry, cores):
+    """vLLM's ``LoRAModel`` of a shared-basis adapter from its cores (``entry``: its
+    ``SharedBasisEntry``), its storage recorded in ``state``."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    from .layers import DenseSlotsMixin
+
+    dtype = _lora_dtype(manager)
+    missing = sorted(set(cores) - _shared_modules(state, manager._adapter_manager))
     no_b = {}  # the cores' empty B, one per rank: nothing reads it (set_lora takes the core as A)
     loras = {m: LoRALayerWeights(m, c.shape[0], 1, c,
                                  no_b.setdefault(c.shape[0], torch.zeros(0, c.shape[0], dtype=dtype)),
@@ -176,10 +189,10 @@ def _load_cores(state: WorkerState, manager, lora_request, orig_load, request, c
     state.adapter_storage[lid] = AdapterStorage(BASIS, rank=entry.rank, basis_key=entry.key,
                                                 basis_path=str(entry.basis), name=lora_request.lora_name)
     state.adapter_ranks[lid] = rank
-    size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
-    (logger.debug if state.preloading else logger.info)(
-        "nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
-        lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
+    if not state.preloading:
+        size = sum(c.numel() for c in cores.values()) * torch.finfo(dtype).bits // 8
+        logger.info("nora: adapter %s: %s with shared basis %s, cores only (%d modules, %.1f KiB)",
+                    lora_request.lora_name, entry.method, entry.key, len(cores), size / 1024)
     return model
 
 
@@ -220,8 +233,10 @@ def activate(state: WorkerState, adapter_manager, orig_activate, lora_id: int) -
 # -- --nora-preload-store ----------------------------------------------------------------------
 def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
     """Load the store's adapters in bulk (``serving.preload_store`` sends ``entries``: name,
-    id, cache entry path): each is read as on a first request (``_load_adapter``, through the
-    cache, as cores), added to vLLM's LRU cache of adapters and put in a free slot while there
+    id, cache entry path, and for a shared-basis adapter its cores as the API server read them
+    from the entry it checked: ``(SharedBasisEntry fields, stacks)``, else ``None``): each is
+    made from the cores sent, or read as on a first request (``_load_adapter``, through the
+    cache), added to vLLM's LRU cache of adapters and put in a free slot while there
     is one, as vLLM's ``add_lora`` does, without its per-adapter engine call and its scan of every
     registered adapter. Nothing is evicted for it: once ``--max-cpu-loras`` adapters are held,
     the rest are left to their first request, and an adapter whose slot storage (a dense index,
@@ -238,13 +253,14 @@ def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
     errors: dict[str, str] = {}
     state.preloading, state.free_slot_hint = True, 0
     activated: list[tuple[str, int]] = []
+    sent_used = 0
     # No cyclic garbage collection meanwhile: its full passes over the growing heap of loaded
     # adapters (dozens of objects each) slowed every load as thousands came in.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         with reading(state.settings.cache_path):  # once for all of them (each load would take it)
-            _preload(state, manager, adapters, entries, errors, activated)
+            sent_used = _preload(state, manager, adapters, entries, errors, activated)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -258,20 +274,29 @@ def preload(state: WorkerState, worker, entries) -> list[tuple[str, str]]:
                 adapters.remove_adapter(lid)
                 errors[name] = f"its cores could not be written into the slots: {e}"
     report_residency(state, adapters)
-    return [(name, errors.get(name, "")) for name, _, _ in entries]
+    logger.info("nora: %d adapters loaded in bulk (%d of them from the cores the API server sent), "
+                "%d not", len(entries) - len(errors), sent_used, len(errors))
+    return [(name, errors.get(name, "")) for name, *_ in entries]
 
 
-def _preload(state: WorkerState, manager, adapters, entries, errors, activated) -> None:
+def _preload(state: WorkerState, manager, adapters, entries, errors, activated) -> int:
+    """The bulk load itself; how many were made from the cores sent."""
     from vllm.lora.request import LoRARequest
 
-    for name, lid, path in entries:
+    sent_used = 0
+    for name, lid, path, sent in entries:
         added = False
         try:
             if lid not in adapters._registered_adapters:
                 if len(adapters) >= adapters.capacity:
                     errors[name] = f"the workers hold --max-cpu-loras {adapters.capacity} adapters already"
                     continue
-                model = manager._load_adapter(LoRARequest(lora_name=name, lora_int_id=int(lid), lora_path=path))
+                request = LoRARequest(lora_name=name, lora_int_id=int(lid), lora_path=path)
+                model = _sent_cores_model(state, manager, request, sent) if sent is not None else None
+                if model is None:
+                    model = manager._load_adapter(request)
+                else:
+                    sent_used += 1
                 added = adapters.add_adapter(model)
             # A slot while one is free and its storage fits without evicting another adapter
             # (a step that needs it places it otherwise, as for any resident adapter).
@@ -284,6 +309,29 @@ def _preload(state: WorkerState, manager, adapters, entries, errors, activated) 
             errors[name] = " ".join(str(e).split())[:500] or type(e).__name__
             if added:  # never half in place (a slot without all its cores)
                 adapters.remove_adapter(lid)
+    return sent_used
+
+
+def _sent_cores_model(state: WorkerState, manager, request, sent):
+    """The adapter's model from the cores the API server sent (it read them from the entry it
+    had just checked, so the entry is not read and hashed again here), or ``None`` where this
+    worker stores it otherwise (read as on a first request then). Its modules must all have
+    shared-basis layers (those without need its folded LoRA: the first-request way)."""
+    from nora_serve.serving.cache.cores_file import stacks_from_wire, unstack
+    from nora_serve.serving.cache.trust import SharedBasisEntry
+
+    fields, stacks = sent
+    entry = SharedBasisEntry(*fields)
+    if (state.plan is None or not state.settings.shared_basis_for(manager.lora_config)
+            or not state.settings.keeps_as_cores(entry.rank)):
+        return None
+    cores = unstack(stacks_from_wire(stacks), _lora_dtype(manager))
+    if not set(cores) <= _shared_modules(state, manager._adapter_manager):
+        return None
+    model = _cores_model(state, manager, request, None, request, entry, cores)
+    state.adapter_bytes[request.lora_int_id] = _weight_bytes(model)
+    state.reported_residency = None
+    return model
 
 
 class NoraWorkerExtension:
@@ -296,5 +344,5 @@ class NoraWorkerExtension:
     def nora_preload_store(self, entries):
         state = NoraWorkerExtension.nora_state
         if state is None or state.settings is None:
-            return [(name, "nora is not on in this worker") for name, _, _ in entries]
+            return [(name, "nora is not on in this worker") for name, *_ in entries]
         return preload(state, self, entries)

@@ -32,17 +32,54 @@ def write_cores(path: str | Path, cores: dict[str, torch.Tensor]) -> None:
 def read_cores(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``{module: core}``, each in ``dtype`` if given (one cast per stack; the cores are views
     of their stack)."""
+    return unstack(read_stacks(path), dtype)
+
+
+def read_stacks(path: str | Path) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """The file's stacks as they are stored: ``(module names, [n, r, c] tensor)`` each (a file
+    of one tensor per module: one stack per module). What ``--nora-preload-store`` hands the
+    workers: a tensor or two per adapter to send, not one per module."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     if meta.get("format") != FORMAT:
-        return {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}
-    out: dict[str, torch.Tensor] = {}
+        return [((k,), t.unsqueeze(0)) for k, t in tensors.items()]
+    out = []
     for key, t in tensors.items():
         names = json.loads(meta.get(key, "[]"))
-        if len(names) != t.shape[0]:
-            raise ValueError(f"{path}: tensor {key}: {t.shape[0]} cores but {len(names)} module names")
+        if not isinstance(names, list) or len(names) != t.shape[0]:
+            raise ValueError(f"{path}: tensor {key}: {t.shape[0]} cores but "
+                             f"{len(names) if isinstance(names, list) else 'no'} module names")
+        out.append((tuple(names), t))
+    return out
+
+
+def stacks_to_wire(stacks) -> list:
+    """The stacks as plain values (names, dtype name, shape, bytes) for vLLM's engine calls,
+    whose encoding carries no tensors to the workers; :func:`stacks_from_wire` undoes it."""
+    return [[list(names), str(t.dtype).removeprefix("torch."), list(t.shape), _bytes(t)]
+            for names, t in stacks]
+
+
+def _bytes(t: torch.Tensor) -> bytes:  # through an integer view: numpy has no bfloat16
+    t = t.contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def stacks_from_wire(wire) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    out = []
+    for names, dtype, shape, data in wire:
+        kind = getattr(torch, dtype)
+        t = (torch.frombuffer(bytearray(data), dtype=kind) if data else torch.empty(0, dtype=kind)).reshape(shape)
+        out.append((tuple(names), t))
+    return out
+
+
+def unstack(stacks, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``{module: core}`` from :func:`read_stacks`' stacks, each in ``dtype`` if given."""
+    out: dict[str, torch.Tensor] = {}
+    for names, t in stacks:
         out.update(zip(names, (t if dtype is None else t.to(dtype)).unbind(0)))
     return out

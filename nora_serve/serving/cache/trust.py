@@ -7,6 +7,8 @@ directory means nothing.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,30 @@ def entry_digest(entry: Path) -> str:
 
 
 def read_marker(entry: Path) -> dict | None:
+    """The entry's marker (a shallow copy), read once per version of the file: loading an
+    adapter reads it to trust the entry and again for its shared-basis parts."""
+    f = os.path.join(entry, MARKER)
     try:
-        meta = json.loads((Path(entry) / MARKER).read_text())
-    except (OSError, ValueError):
+        st = os.stat(f)
+        key = (f, st.st_ino, st.st_size, st.st_mtime_ns)
+        meta = _markers.get(key)
+        if meta is None:
+            with open(f, "rb") as fh:
+                meta = json.loads(fh.read())
+            if not isinstance(meta, dict):
+                return None
+            with _markers_lock:
+                _markers[key] = meta
+                while len(_markers) > _MARKERS_KEPT:
+                    _markers.pop(next(iter(_markers)))
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    return meta if isinstance(meta, dict) else None
+    return dict(meta)
+
+
+_MARKERS_KEPT = 256
+_markers: dict[tuple, dict] = {}
+_markers_lock = threading.Lock()
 
 
 def trusted_entry(path: str | Path, cache_dir: str | Path) -> Path | None:
@@ -34,8 +55,10 @@ def trusted_entry(path: str | Path, cache_dir: str | Path) -> Path | None:
     digest of its files equals the one recorded when it was written. Anything else (a
     directory elsewhere with a ``nora-cache.json`` beside it, an entry changed on disk) is
     not trusted and goes through the full conversion and its checks."""
+    p = Path(path)
+    if p.name != ADAPTER_SUBDIR:  # never an entry's (the test below, before any path is resolved)
+        return None
     try:
-        p = Path(path)
         entry = p.parent.resolve(strict=True)  # adapter/ itself is absent in a cores-only entry
         root = Path(cache_dir).expanduser().resolve()
         if p.exists() and p.resolve(strict=True) != entry / ADAPTER_SUBDIR:
