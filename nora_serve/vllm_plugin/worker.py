@@ -293,11 +293,11 @@ def _preload(state: WorkerState, manager, adapters, entries, errors, activated) 
                     continue
                 request = LoRARequest(lora_name=name, lora_int_id=int(lid), lora_path=path)
                 model = _sent_cores_model(state, manager, request, sent) if sent is not None else None
+                from_sent = model is not None
                 if model is None:
                     model = manager._load_adapter(request)
-                else:
-                    sent_used += 1
                 added = adapters.add_adapter(model)
+                sent_used += from_sent and bool(added)
             # A slot while one is free and its storage fits without evicting another adapter
             # (a step that needs it places it otherwise, as for any resident adapter).
             st = state.adapter_storage.get(lid)
