@@ -30,6 +30,7 @@ common checks in :mod:`.reader_common`, PEFT's layout in :mod:`.peft_layout`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .adapter_deltas import AdapterDeltas, ModuleEntry
@@ -137,8 +138,6 @@ def _check_key(deltas: AdapterDeltas, base: Path) -> tuple | None:
     weight files (path, size, mtime, inode) and config, and of the adapter its modules' shapes,
     its recorded fingerprints and the base it names (a relative name is the adapter's own:
     it resolves against its directory)."""
-    import os
-
     name = deltas.base_model_name_or_path
     if name is not None and not isinstance(name, str):
         return None

@@ -30,7 +30,14 @@ def adapter_kind(settings, lora_config, path: str, *, trusted=None):
     if not settings.shared_basis_for(lora_config):
         return None
     entry = shared_basis_entry(path, settings.cache_path, trusted=trusted)
-    return entry if entry is not None and settings.keeps_as_cores(entry.rank) else None
+    return entry if kept_as_cores(settings, lora_config, entry) else None
+
+
+def kept_as_cores(settings, lora_config, entry) -> bool:
+    """Whether the shared-basis entry ``entry`` (``None``: none) is stored as its cores in the
+    workers of this LoRA config (else in a dense slot): :func:`adapter_kind`'s rule, for an
+    entry already read (``--nora-preload-store`` sends the workers its cores)."""
+    return entry is not None and settings.shared_basis_for(lora_config) and settings.keeps_as_cores(entry.rank)
 
 
 def _files_signature(path: str) -> tuple | None:

@@ -85,9 +85,13 @@ def _load(state: WorkerState, manager, orig_load, lora_request):
 
         state.adapter_storage[lid] = AdapterStorage(DENSE, rank=rank, name=lora_request.lora_name,
                                                     output_scale=output_scales(request.lora_path))
+    _record_loaded(state, lid, model)
+    return model
+
+
+def _record_loaded(state: WorkerState, lid: int, model) -> None:
     state.adapter_bytes[lid] = _weight_bytes(model)
     state.reported_residency = None  # report again after this step
-    return model
 
 
 def _dense(state: WorkerState, manager, lora_request, request):
@@ -319,18 +323,18 @@ def _sent_cores_model(state: WorkerState, manager, request, sent):
     shared-basis layers (those without need its folded LoRA: the first-request way)."""
     from nora_serve.serving.cache.cores_file import stacks_from_wire, unstack
     from nora_serve.serving.cache.trust import SharedBasisEntry
+    from nora_serve.serving.scheduling import kept_as_cores
 
     fields, stacks = sent
     entry = SharedBasisEntry(*fields)
-    if (state.plan is None or not state.settings.shared_basis_for(manager.lora_config)
-            or not state.settings.keeps_as_cores(entry.rank)):
+    # The rule the scheduler admitted it by, as _load_cores applies it to an entry it reads.
+    if state.plan is None or not kept_as_cores(state.settings, manager.lora_config, entry):
         return None
     cores = unstack(stacks_from_wire(stacks), _lora_dtype(manager))
     if not set(cores) <= _shared_modules(state, manager._adapter_manager):
         return None
     model = _cores_model(state, manager, request, None, request, entry, cores)
-    state.adapter_bytes[request.lora_int_id] = _weight_bytes(model)
-    state.reported_residency = None
+    _record_loaded(state, request.lora_int_id, model)
     return model
 
 
